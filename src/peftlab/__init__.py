@@ -1,0 +1,64 @@
+"""peftlab: parameter-efficient fine-tuning methods under one small API.
+
+    import peftlab
+    peftlab.attach(model, "lora", r=8, target_modules=["q_proj", "v_proj"])
+    ...train...
+    peftlab.save(model, "out/")            # adapter_config.json + adapter_model.safetensors
+    peftlab.load(fresh_model, "out/")      # also reads adapters written by peft
+    peftlab.merge_and_unload(model)        # a plain model again, update folded in
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from peftlab.api import (
+    active,
+    adapter_parameters,
+    adapters,
+    attach,
+    detach,
+    disabled,
+    merge,
+    merge_and_unload,
+    unmerge,
+    use,
+)
+from peftlab.core.errors import (
+    AdapterFileError,
+    AdapterStateError,
+    ConfigError,
+    PeftlabError,
+    TargetError,
+)
+from peftlab.core.method import Method, get_method, method_class, methods, register
+from peftlab.core.state import load, save
+from peftlab.core.summary import Summary, summary
+
+__all__ = [
+    "AdapterFileError",
+    "AdapterStateError",
+    "ConfigError",
+    "Method",
+    "PeftlabError",
+    "Summary",
+    "TargetError",
+    "__version__",
+    "active",
+    "adapter_parameters",
+    "adapters",
+    "attach",
+    "detach",
+    "disabled",
+    "get_method",
+    "load",
+    "merge",
+    "merge_and_unload",
+    "method_class",
+    "methods",
+    "register",
+    "save",
+    "summary",
+    "unmerge",
+    "use",
+]

@@ -1,0 +1,245 @@
+"""The public API: put adapters on a model, switch them, merge them.
+
+Every function takes the user's own model (a transformers model or any ``nn.Module``) and works
+in place; there is no wrapper model, so ``model.generate``, ``model.save_pretrained`` of the base
+and ``transformers.Trainer`` see the model they know.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.core import slots
+from peftlab.core.errors import AdapterStateError, ConfigError
+from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
+from peftlab.core.method import Method, get_method
+from peftlab.core.slots import CopyLayer, Slot, registry
+
+
+def attach(model: nn.Module, method: Method | str, name: str = "default", *, trainable: bool = True,
+           activate: bool = True, **options: Any) -> nn.Module:
+    """Add adapter ``name`` of ``method`` to ``model`` in place and return the model.
+
+    The base model is frozen; the new adapter's parameters (and its ``modules_to_save``) train.
+
+    Args:
+        model: Any ``nn.Module``; transformers models get their heads and layouts recognised.
+        method: A :class:`Method` instance, or a method name with ``options`` as its fields.
+        name: Adapter name (letters, digits, ``_``, ``-``).
+        trainable: Whether the new adapter's parameters require gradients.
+        activate: Make the new adapter the active one (the others are deactivated).
+
+    Example:
+        >>> peftlab.attach(model, "lora", r=8, target_modules=["q_proj", "v_proj"])
+    """
+    if isinstance(method, str):
+        method = get_method(method, **options)
+    elif options:
+        raise ConfigError("pass options either inside the Method instance or with a method name, not both")
+    slots.check_name(name)
+    reg = registry(model, create=True)
+    if name in reg.adapters:
+        raise AdapterStateError(f"adapter {name!r} already exists; pick another name or peftlab.detach it first")
+    if not method.multi_adapter and reg.adapters:
+        raise AdapterStateError(f"{method.method_name} does not share a model with other adapters "
+                                f"(present: {sorted(reg.adapters)})")
+    if any(not s.method.multi_adapter for s in reg.adapters.values()):
+        raise AdapterStateError(f"the model carries {sorted(reg.adapters)}, of a method that does not share a "
+                                "model with other adapters")
+    base_params = {id(p) for p in _base_parameters(model)}
+    reg.adapters[name] = Slot(method)
+    try:
+        slots.add_module_copies(model, name, tuple(method.modules_to_save))
+        method.attach(model, name)
+    except BaseException:
+        _remove(model, name)
+        raise
+    for p in model.parameters():
+        if id(p) in base_params:
+            p.requires_grad_(False)
+    for p in adapter_parameters(model, name).values():
+        p.requires_grad_(trainable)
+    if activate:
+        use(model, name)
+    return model
+
+
+def _base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    owned = {id(p) for n in (registry(model).adapters if slots.has_adapters(model) else ())
+             for p in adapter_parameters(model, n).values()}
+    return [p for p in model.parameters() if id(p) not in owned]
+
+
+def adapters(model: nn.Module) -> dict[str, Method]:
+    """The adapters on ``model`` by name (empty when none)."""
+    if not slots.has_adapters(model):
+        return {}
+    return {n: s.method for n, s in registry(model).adapters.items()}
+
+
+def active(model: nn.Module) -> list[str]:
+    return list(registry(model).active) if slots.has_adapters(model) else []
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor adapter ``name`` trains, by ``model.state_dict()`` key."""
+    s = slots.slot(model, name)
+    out: dict[str, torch.Tensor] = dict(s.method.parameters(model, name))
+    for path, layer in slots.copy_layers(model, name):
+        out.update({f"{path}.{k}": p for k, p in layer.adapter_parameters(name).items()})
+    out.update(slots.base_parameters(model, name))
+    return out
+
+
+def use(model: nn.Module, *names: str) -> None:
+    """Make ``names`` the active adapters (their updates add up; order matters only for
+    ``modules_to_save``, where the first active adapter's copy is used).
+
+    Merged adapters that become inactive are unmerged first (exactly).
+    """
+    reg = registry(model)
+    unknown = [n for n in names if n not in reg.adapters]
+    if unknown:
+        raise AdapterStateError(f"no adapter named {unknown}; adapters on this model: {sorted(reg.adapters)}")
+    claimed: dict[str, str] = {}
+    for n in names:
+        for k in reg.adapters[n].base_keys:
+            if k in claimed:
+                raise AdapterStateError(f"adapters {claimed[k]!r} and {n!r} both train {k!r} in place; "
+                                        "they cannot be active together")
+            claimed[k] = n
+    for path, layer in adapter_layers(model):
+        if isinstance(layer, MergeableLayer):
+            for m in list(getattr(layer, "peftlab_merged", ())):
+                if m not in names:
+                    layer.unmerge_adapter(m)
+    for n, s in reg.adapters.items():
+        if s.in_model != (n in names):
+            slots.swap_base(model, s)
+    for _, layer in adapter_layers(model):
+        layer.peftlab_active = [n for n in names if n in layer.adapter_names()]
+    reg.active = list(names)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the model computes exactly the base model's output.
+
+    Merged adapters are unmerged for the block (exactly) and merged back after it.
+    """
+    reg = registry(model)
+    layers = [layer for _, layer in adapter_layers(model)]
+    remerge = [(layer, list(getattr(layer, "peftlab_merged", ()))) for layer in layers
+               if isinstance(layer, MergeableLayer)]
+    for layer, names in remerge:
+        for n in reversed(names):
+            layer.unmerge_adapter(n)
+    swapped = [s for n, s in reg.adapters.items() if s.in_model and s.base_keys]
+    for s in swapped:
+        slots.swap_base(model, s)
+    for layer in layers:
+        layer.peftlab_disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.peftlab_disabled = False
+        for s in swapped:
+            slots.swap_base(model, s)
+        for layer, names in remerge:
+            for n in names:
+                layer.merge_adapter(n)
+
+
+def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True) -> None:
+    """Fold active adapters into the base weights (all active ones by default).
+
+    Args:
+        safe: Check every layer for NaN/inf before writing any weight; on failure nothing changes.
+    """
+    reg = registry(model)
+    names = list(reg.active) if names is None else list(names)
+    inactive = [n for n in names if n not in reg.active]
+    if inactive:
+        raise AdapterStateError(f"adapters {inactive} are not active; peftlab.use them before merging")
+    for n in names:
+        if not reg.adapters[n].method.mergeable:
+            raise AdapterStateError(f"adapter {n!r} ({reg.adapters[n].method.method_name}) cannot be merged")
+    if safe:
+        for n in names:
+            method = reg.adapters[n].method
+            bad = [p for p, layer in method.adapted_layers(model, n)
+                   if isinstance(layer, MergeableLayer) and not layer.merge_is_finite(n)]
+            if bad:
+                raise FloatingPointError(
+                    f"merging adapter {n!r} would put NaN/inf into {len(bad)} layer(s) "
+                    f"({', '.join(bad[:5])}); nothing was changed. Check the adapter's weights first.")
+    for n in names:
+        reg.adapters[n].method.merge(model, n)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge (exactly: merge/unmerge cycles do not drift)."""
+    reg = registry(model)
+    for n, s in reversed(list(reg.adapters.items())):
+        if s.method.mergeable:
+            s.method.unmerge(model, n)
+
+
+def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
+    """Merge the active adapters for good and remove every adapter: a plain model comes back,
+    with its original module classes (``modules_to_save`` copies replace their originals)."""
+    reg = registry(model)
+    merge(model, safe=safe)
+    with torch.no_grad():
+        for _, layer in slots.copy_layers(model):
+            live = [n for n in reg.active if n in layer.adapter_names()]
+            if live:
+                state = layer.peftlab_copy[live[0]].state_dict()
+                layer.restore().load_state_dict(state)
+    for _, layer in list(adapter_layers(model)):
+        layer.restore()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    del model.__dict__["peftlab"]
+    return model
+
+
+def _remove(model: nn.Module, name: str) -> None:
+    reg = registry(model)
+    s = reg.adapters[name]
+    for _, layer in list(adapter_layers(model)):
+        if name in layer.adapter_names() and (layer.owner_method in ("", s.method.method_name)):
+            layer.remove_adapter(name)
+    if s.base_keys and s.in_model and s.stash is not None:
+        slots.swap_base(model, s)
+    for k in s.base_keys:
+        slots._tensor(model, k).requires_grad_(False)
+    del reg.adapters[name]
+    if name in reg.active:
+        reg.active.remove(name)
+    if not reg.adapters:
+        del model.__dict__["peftlab"]
+
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter ``name`` (all adapters when None); the base model comes back exactly."""
+    reg = registry(model)
+    names = list(reg.adapters) if name is None else [name]
+    for n in names:
+        s = slots.slot(model, n)
+        if s.base_keys and s.stash is None:
+            raise AdapterStateError(f"adapter {n!r} ({s.method.method_name}) trained the base weights in place "
+                                    "without a copy; there is no base model to go back to")
+        s.method.detach(model, n)
+        _remove(model, n)
+    return model
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    return isinstance(module, (AdapterLayer, CopyLayer))

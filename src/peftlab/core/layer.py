@@ -1,0 +1,221 @@
+"""Adapted layers: in-place class surgery and the state every adapted layer shares.
+
+A module is adapted *in place*: its class is swapped for a subclass ``(Mixin, OriginalClass)``
+(the same technique FSDP2's ``fully_shard`` uses). Nothing is copied or re-parented, so
+
+* the base parameters keep their names (``q_proj.weight`` stays ``q_proj.weight``): base
+  state dicts load as before, and ``isinstance(layer, nn.Linear)`` still holds;
+* it works on the meta device (no tensor is touched);
+* undoing it is restoring ``__class__`` and deleting the adapter containers.
+
+Each adapter of a layer lives in *containers*: ``nn.ModuleDict``/``nn.ParameterDict`` attributes
+keyed by adapter name (``lora_A["default"]``), so several named adapters share one layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import AdapterStateError
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+class AdapterLayer(nn.Module):
+    """Mixin of every adapted layer. Subclasses set the two class variables and write
+    ``forward`` (calling ``super().forward`` for the base output) and ``add_adapter``."""
+
+    owner_method: ClassVar[str] = ""
+    """Registered name of the method that owns this layer type."""
+    adapter_containers: ClassVar[tuple[str, ...]] = ()
+    """Attributes holding per-adapter modules or parameters, keyed by adapter name."""
+    class_prefix: ClassVar[str] = "Adapted"
+    """Prefix of the swapped class's name: ``LoRA`` + ``Linear`` -> ``LoRALinear``."""
+    parameter_containers: ClassVar[tuple[str, ...]] = ()
+    """The subset of ``adapter_containers`` that are ``nn.ParameterDict`` (the rest: ``ModuleDict``)."""
+    base_class: ClassVar[type[nn.Module]]
+    """The module's original class (set on the swapped class)."""
+
+    peftlab_active: list[str]
+    peftlab_disabled: bool
+
+    # ------------------------------------------------------------------------ surgery
+    @classmethod
+    def adopt(cls, module: nn.Module) -> AdapterLayer:
+        """Turn ``module`` into an adapted layer of this kind, in place; idempotent."""
+        if isinstance(module, cls):
+            return module
+        if isinstance(module, AdapterLayer):
+            raise AdapterStateError(
+                f"{type(module).base_class.__name__} is already adapted by {module.owner_method!r}; "
+                f"one module carries adapters of one method (detach the other method first)")
+        base = type(module)
+        key = (cls, base)
+        new_cls = _CLASS_CACHE.get(key)
+        if new_cls is None:
+            name = f"{cls.class_prefix}{base.__name__}"
+            new_cls = type(name, (cls, base), {"base_class": base, "__module__": cls.__module__})
+            new_cls.__qualname__ = name
+            # Registered in the mixin's module so that pickling (torch.save(model)) finds it.
+            setattr(sys.modules[cls.__module__], name, new_cls)
+            _CLASS_CACHE[key] = new_cls
+        module.__class__ = new_cls
+        layer: AdapterLayer = module  # type: ignore[assignment]
+        layer.peftlab_active = []
+        layer.peftlab_disabled = False
+        layer._init_containers()
+        return layer
+
+    def _init_containers(self) -> None:
+        for c in self.adapter_containers:
+            setattr(self, c, nn.ParameterDict() if c in self.parameter_containers else nn.ModuleDict())
+
+    def restore(self) -> nn.Module:
+        """Undo :meth:`adopt`: drop every container and give the module its class back."""
+        for c in self.adapter_containers:
+            delattr(self, c)
+        for attr in ("peftlab_active", "peftlab_disabled", "peftlab_merged", "peftlab_merge_fix"):
+            self.__dict__.pop(attr, None)
+        self.__class__ = type(self).base_class
+        return self
+
+    # ------------------------------------------------------------------------ adapters
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_containers[0]).keys())
+
+    def live_adapters(self) -> list[str]:
+        """Adapters whose update this forward pass must add (active, not merged, not disabled)."""
+        if self.peftlab_disabled:
+            return []
+        merged = getattr(self, "peftlab_merged", ())
+        return [n for n in self.peftlab_active if n not in merged]
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` (unmerging it first); restore the module when none is left."""
+        if name in getattr(self, "peftlab_merged", ()):
+            assert isinstance(self, MergeableLayer)
+            self.unmerge_adapter(name)
+        for c in self.adapter_containers:
+            container = getattr(self, c)
+            if name in container:
+                del container[name]
+        if name in self.peftlab_active:
+            self.peftlab_active.remove(name)
+        if not self.adapter_names():
+            self.restore()
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """``{key relative to this layer: parameter}`` of adapter ``name``."""
+        return {k: t for k, t in self._adapter_items(name) if isinstance(t, nn.Parameter)}
+
+    def adapter_file_tensors(self, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{local key: (file key, tensor)}``; the file key drops the adapter name (peft's rule)."""
+        out = {}
+        for key, t in self._adapter_items(name):
+            container, rest = key.split(".", 1)
+            rest = rest[len(name):]  # '' for a ParameterDict entry, '.weight' for a module entry
+            out[key] = (self.file_key(container, rest.lstrip(".")), t)
+        return out
+
+    def file_key(self, container: str, rest: str) -> str:
+        """File key of a tensor at ``<container>.<name>.<rest>``; override to change the layout."""
+        return f"{container}.{rest}" if rest else container
+
+    def _adapter_items(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        for c in self.adapter_containers:
+            container = getattr(self, c)
+            if name not in container:
+                continue
+            entry = container[name]
+            if isinstance(entry, nn.Module):
+                for k, t in entry.state_dict(keep_vars=True).items():
+                    yield f"{c}.{name}.{k}", t
+            else:
+                yield f"{c}.{name}", entry
+
+
+class MergeableLayer(AdapterLayer):
+    """An adapted layer whose update is a weight delta that can be folded into the base weight.
+
+    Merging is computed in fp32 whatever the weight dtype. It is *exactly* reversible: a merge
+    records where ``round(round(W + dW) - dW)`` would not give back ``W`` (only elements whose
+    binade changes, usually very few) with their original values, and the unmerge restores them,
+    so merge/unmerge cycles never drift, even in bf16. The record is dropped (plain subtraction)
+    if the adapter or the weight changed in between.
+    """
+
+    base_weight: ClassVar[str] = "weight"
+    peftlab_merged: list[str]
+    peftlab_merge_fix: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update of adapter ``name`` as an fp32 tensor shaped like the base weight."""
+        raise NotImplementedError
+
+    def _weight(self) -> torch.Tensor:
+        return getattr(self, self.base_weight)
+
+    def _versions(self, name: str) -> tuple[int, ...]:
+        return (*(p._version for p in self.adapter_parameters(name).values()), self._weight()._version)
+
+    def merge_is_finite(self, name: str) -> bool:
+        with torch.no_grad():
+            return bool(torch.isfinite(self._weight().float() + self.delta_weight(name)).all())
+
+    @torch.no_grad()
+    def merge_adapter(self, name: str) -> None:
+        merged = self.__dict__.setdefault("peftlab_merged", [])
+        fixes = self.__dict__.setdefault("peftlab_merge_fix", {})
+        if name in merged:
+            return
+        w = self._weight()
+        delta = self.delta_weight(name)
+        new = (w.float() + delta).to(w.dtype)
+        if w.device.type != "meta":
+            back = (new.float() - delta).to(w.dtype)
+            wrong = (back != w).flatten().nonzero().flatten()
+            originals = w.detach().flatten()[wrong].clone()
+        else:
+            wrong = originals = torch.empty(0)
+        w.copy_(new)
+        merged.append(name)
+        fixes[name] = (wrong, originals, self._versions(name))
+
+    @torch.no_grad()
+    def unmerge_adapter(self, name: str) -> None:
+        merged: list[str] = self.__dict__.get("peftlab_merged", [])
+        if name not in merged:
+            return
+        later = merged[merged.index(name) + 1:]
+        for other in reversed(later):  # exact reversal needs last-in, first-out
+            self._unmerge_last()
+        self._unmerge_last()
+        for other in later:
+            self.merge_adapter(other)
+
+    def _unmerge_last(self) -> None:
+        name = self.peftlab_merged.pop()
+        wrong, originals, versions = self.peftlab_merge_fix.pop(name)
+        w = self._weight()
+        delta = self.delta_weight(name)
+        w.copy_((w.float() - delta).to(w.dtype))
+        if versions[:-1] == self._versions(name)[:-1] and versions[-1] + 1 == w._version:
+            w.view(-1)[wrong] = originals
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapted layer of ``model`` with its module path."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield path, module
+
+
+def new_parameter_like(shape: tuple[int, ...], ref: torch.Tensor, dtype: torch.dtype | None = None,
+                       **_: Any) -> nn.Parameter:
+    """An uninitialised parameter on ``ref``'s device (meta included)."""
+    return nn.Parameter(torch.empty(shape, device=ref.device, dtype=dtype or ref.dtype))

@@ -1,0 +1,242 @@
+"""The one extension point: :class:`Method` and the :func:`register` decorator.
+
+A method is a frozen dataclass that is both its configuration and its behaviour. Its fields are
+the hyperparameters (serialised to ``adapter_config.json``); its methods put the adapter on a
+model, merge it, and name its tensors. Shared code (``peftlab.api``, ``core.state``, the lab)
+talks to every method through this class only, so adding a method is adding one file under
+``peftlab/methods/`` that calls :func:`register`.
+
+The default implementations below serve every *layer-wrapping* method: they walk the model for
+:class:`~peftlab.core.layer.AdapterLayer` modules that hold the adapter. Methods of other kinds
+(parameter selection, input side, optimizer side) override what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import ConfigError
+from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
+
+FILE_PREFIX = "base_model.model."
+"""Prefix of every tensor key in an adapter file: peft's layout, so that peft loads our files."""
+
+M = TypeVar("M", bound="Method")
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator that registers a :class:`Method` subclass under ``name``.
+
+    Args:
+        name: The method's public name (``peftlab.methods()``, CLI, saved configs).
+    """
+
+    def deco(cls: type[M]) -> type[M]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__qualname__} must be a @dataclass(frozen=True) to be registered")
+        cls.method_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin_methods() -> None:
+    import peftlab.methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name``; an unknown name is an error listing the known ones."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}.") from None
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Build a method by name: ``get_method("lora", r=16, target_modules=["q_proj"])``."""
+    return method_class(name).from_options(options)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base class of every PEFT method.
+
+    Subclasses are ``@register("name") @dataclass(frozen=True)`` classes whose fields are the
+    method's hyperparameters. Capabilities are class variables so that shared code (and the
+    contract test suite) can ask instead of special-casing a method.
+    """
+
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full and saved with the adapter (e.g. a new classification head)."""
+
+    method_name: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None
+    """peft's ``peft_type`` where peft has this method (its files then load in peft)."""
+    mergeable: ClassVar[bool] = False
+    """Whether the update can be folded into the base weights (``peftlab.merge``)."""
+    identity_at_init: ClassVar[bool] = True
+    """Whether the adapted model equals the base model right after ``attach``."""
+    multi_adapter: ClassVar[bool] = True
+    """Whether several adapters of this method can live on one model at once."""
+
+    # ----------------------------------------------------------------------------- life cycle
+    def attach(self, model: nn.Module, name: str) -> None:
+        """Add adapter ``name`` to ``model`` in place. Shared code has already frozen the base,
+        validated ``name`` and set up ``modules_to_save``; the method adds its own parameters
+        (created with ``requires_grad=True``) and must raise before changing anything on bad input.
+        """
+        raise NotImplementedError
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Remove adapter ``name``, restoring the base modules exactly."""
+        for _, layer in self.adapted_layers(model, name):
+            layer.remove_adapter(name)
+
+    def merge(self, model: nn.Module, name: str) -> None:
+        """Fold adapter ``name`` into the base weights (exactly reversible by :meth:`unmerge`).
+        ``peftlab.merge`` has already checked that the result is finite."""
+        if not self.mergeable:
+            raise ConfigError(f"{self.method_name} cannot be merged into the base weights")
+        for _, layer in self.adapted_layers(model, name):
+            if isinstance(layer, MergeableLayer):
+                layer.merge_adapter(name)
+
+    def unmerge(self, model: nn.Module, name: str) -> None:
+        """Undo :meth:`merge` for adapter ``name``."""
+        for _, layer in self.adapted_layers(model, name):
+            if isinstance(layer, MergeableLayer):
+                layer.unmerge_adapter(name)
+
+    # ----------------------------------------------------------------------------- tensors
+    def adapted_layers(self, model: nn.Module, name: str) -> Iterator[tuple[str, AdapterLayer]]:
+        """The adapted layers of ``model`` that hold adapter ``name`` of this method."""
+        for path, layer in adapter_layers(model):
+            if layer.owner_method == self.method_name and name in layer.adapter_names():
+                yield path, layer
+
+    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """Adapter parameters by their key in ``model.state_dict()`` (what trains)."""
+        out: dict[str, nn.Parameter] = {}
+        for path, layer in self.adapted_layers(model, name):
+            for key, p in layer.adapter_parameters(name).items():
+                out[f"{path}.{key}" if path else key] = p
+        return out
+
+    def file_tensors(self, model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{file key: (state_dict key, tensor)}`` for everything this adapter saves.
+
+        File keys follow peft's layout (``base_model.model.<module>.lora_A.weight``: the adapter
+        name is not part of a key) so one table serves saving, loading and peft interop.
+        """
+        out: dict[str, tuple[str, torch.Tensor]] = {}
+        for path, layer in self.adapted_layers(model, name):
+            for key, (file_key, t) in layer.adapter_file_tensors(name).items():
+                out[FILE_PREFIX + (f"{path}.{file_key}" if path else file_key)] = (
+                    f"{path}.{key}" if path else key, t)
+        return out
+
+    def base_file_key(self, model: nn.Module, key: str) -> str:
+        """File key of a base tensor this adapter trains in place (``state_dict`` key ``key``)."""
+        return FILE_PREFIX + key
+
+    # ----------------------------------------------------------------------------- config
+    def options(self) -> dict[str, Any]:
+        """The hyperparameters as a JSON-ready dict."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
+        """The ``adapter_config.json`` content. peft-backed methods override this with peft's
+        own config; the full peftlab options always round-trip through :meth:`from_config`."""
+        return {"peft_type": self.peft_type or f"PEFTLAB_{self.method_name.upper()}",
+                "peftlab_method": self.method_name, **self.options()}
+
+    @classmethod
+    def from_options(cls: type[M], options: dict[str, Any]) -> M:
+        """Build from a dict of hyperparameters; unknown keys are an error naming the known ones."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.method_name}: unknown option(s) {unknown}; "
+                              f"known options: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(hints[k], v) for k, v in options.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_config(cls: type[M], config: dict[str, Any]) -> M:
+        """Inverse of :meth:`to_config`."""
+        options = {k: v for k, v in config.items() if k not in ("peft_type", "peftlab_method")}
+        return cls.from_options(options)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_config(), indent=2, sort_keys=True)
+
+
+def method_from_config(config: dict[str, Any]) -> Method:
+    """Build the method that wrote ``config`` (a peftlab or a peft ``adapter_config.json``)."""
+    _load_builtin_methods()
+    name = config.get("peftlab_method")
+    if name is not None:
+        return method_class(name).from_config(config)
+    peft_type = config.get("peft_type")
+    for cls in _REGISTRY.values():
+        if cls.peft_type is not None and cls.peft_type == peft_type:
+            return cls.from_config(config)
+    known = sorted(c.peft_type for c in _REGISTRY.values() if c.peft_type)
+    raise ConfigError(f"adapter config has peft_type {peft_type!r}, which peftlab does not read; "
+                      f"readable peft types: {known}; peftlab methods: {sorted(_REGISTRY)}")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def _coerce(hint: Any, v: Any) -> Any:
+    """JSON gives lists where the dataclass holds tuples (hashable, frozen): convert back."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if typing.get_origin(arg) is tuple and isinstance(v, (list, tuple)):
+                return tuple(v)
+        return v
+    if origin is tuple and isinstance(v, (list, tuple)):
+        return tuple(v)
+    if isinstance(v, list) and hint is tuple:
+        return tuple(v)
+    return v
+
+
+def tuple_field(*default: Any) -> Any:
+    """A dataclass field holding a tuple default (lists are unhashable in a frozen config)."""
+    return field(default=tuple(default))
+
+
+def dict_field() -> Any:
+    return field(default_factory=dict)

@@ -1,0 +1,189 @@
+"""Multi-adapter state of one model: the named adapters, the active set, and what they own
+outside adapted layers.
+
+The registry lives on the root module (``model.peftlab``). Besides adapted layers (which keep
+their own per-adapter containers), an adapter may own
+
+* **base tensors it trains in place** (bias training in LoRA, BitFit): the registry keeps a
+  *stash* (the values not currently in the model: the originals while the adapter is active,
+  its trained values while it is not), so switching adapters and ``disabled()`` are exact;
+* **full copies of modules** (``modules_to_save``, e.g. a new classification head), held by a
+  :class:`CopyLayer` in peft's on-disk layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import AdapterStateError, ConfigError
+from peftlab.core.layer import AdapterLayer
+from peftlab.core.method import FILE_PREFIX, Method
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+@dataclass
+class Slot:
+    """One named adapter on a model."""
+
+    method: Method
+    base_keys: tuple[str, ...] = ()
+    """``state_dict`` keys of base tensors this adapter trains in place."""
+    stash: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """Values of ``base_keys`` not currently in the model (None: no copy was kept)."""
+    in_model: bool = True
+    """Whether the model holds this adapter's values of ``base_keys`` (vs. the stash)."""
+
+
+@dataclass
+class Registry:
+    adapters: dict[str, Slot] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def registry(model: nn.Module, create: bool = False) -> Registry:
+    reg = model.__dict__.get("peftlab")
+    if reg is None:
+        if not create:
+            raise AdapterStateError(f"{type(model).__name__} carries no peftlab adapter; use peftlab.attach first")
+        reg = Registry()
+        model.__dict__["peftlab"] = reg
+    return reg
+
+
+def has_adapters(model: nn.Module) -> bool:
+    reg = model.__dict__.get("peftlab")
+    return reg is not None and bool(reg.adapters)
+
+
+def check_name(name: str) -> str:
+    """Adapter names become module keys and directory names: refuse anything path-like."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError("adapter name must be a non-empty string, e.g. 'default'")
+    bad = [s for s in ("/", "\\", "..", "\x00", ".") if s in name]
+    if bad or not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"adapter name {name!r} is not allowed (contains {bad or 'other characters'}); "
+                          "use letters, digits, '_' and '-' only, e.g. 'task_a'")
+    return name
+
+
+def slot(model: nn.Module, name: str) -> Slot:
+    reg = registry(model)
+    if name not in reg.adapters:
+        raise AdapterStateError(f"no adapter named {name!r}; adapters on this model: {sorted(reg.adapters)}")
+    return reg.adapters[name]
+
+
+# ----------------------------------------------------------------------------- base tensors
+def _tensor(model: nn.Module, key: str) -> torch.Tensor:
+    module_path, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    return getattr(module, attr)
+
+
+def train_base_tensors(model: nn.Module, name: str, keys: list[str], *, keep_original: bool = True) -> None:
+    """Let adapter ``name`` train the base tensors ``keys`` in place.
+
+    Args:
+        keep_original: Keep a copy of the original values (exact ``disabled()``/``detach``).
+            Full fine-tuning passes False: a second copy of the model is what it avoids.
+    """
+    reg = registry(model)
+    taken = {k: n for n, s in reg.adapters.items() if n != name for k in s.base_keys}
+    clash = sorted(set(keys) & set(taken))
+    if clash:
+        raise AdapterStateError(f"adapter {name!r} would train {clash[:3]} in place, which adapter "
+                                f"{taken[clash[0]]!r} already trains; detach it or use one model per adapter")
+    s = reg.adapters[name]
+    s.base_keys = tuple(keys)
+    s.stash = {k: _tensor(model, k).detach().clone() for k in keys} if keep_original else None
+    for k in keys:
+        _tensor(model, k).requires_grad_(True)
+
+
+def swap_base(model: nn.Module, s: Slot) -> None:
+    """Exchange the model's values of ``s.base_keys`` with the stash."""
+    if not s.base_keys:
+        return
+    if s.stash is None:
+        raise AdapterStateError("this adapter trained base weights in place without keeping the originals "
+                                "(full fine-tuning): the base model cannot be restored")
+    with torch.no_grad():
+        for k in s.base_keys:
+            t = _tensor(model, k)
+            current = t.detach().clone()
+            t.copy_(s.stash[k])
+            s.stash[k] = current
+    s.in_model = not s.in_model
+
+
+def base_parameters(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {k: _tensor(model, k) for k in slot(model, name).base_keys}
+
+
+# ----------------------------------------------------------------------------- module copies
+class CopyLayer(AdapterLayer):
+    """A module trained in full per adapter (``modules_to_save``); the original stays frozen."""
+
+    owner_method = ""
+    class_prefix = "Trained"
+    adapter_containers = ("peftlab_copy",)
+
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        for n in self.live_adapters():
+            if n in self.peftlab_copy:
+                return self.peftlab_copy[n](*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    def live_adapters(self) -> list[str]:
+        return [] if self.peftlab_disabled else list(self.peftlab_active)
+
+    def file_key(self, container: str, rest: str) -> str:
+        return rest  # peft's layout: the copy is saved under the module's own keys
+
+    def add_copy(self, name: str) -> None:
+        saved = {c: self._modules.pop(c) for c in self.adapter_containers}
+        try:
+            clone = copy.deepcopy(self)
+        finally:
+            self._modules.update(saved)
+        clone.__class__ = type(self).base_class
+        for attr in ("peftlab_active", "peftlab_disabled"):
+            clone.__dict__.pop(attr, None)
+        clone.requires_grad_(True)
+        self.peftlab_copy[name] = clone
+
+
+def add_module_copies(model: nn.Module, name: str, patterns: tuple[str, ...]) -> list[str]:
+    from peftlab.core.targets import select
+
+    if not patterns:
+        return []
+    paths = select(model, list(patterns), what="modules_to_save")
+    for path in paths:
+        CopyLayer.adopt(model.get_submodule(path))
+        layer = model.get_submodule(path)
+        assert isinstance(layer, CopyLayer)
+        layer.add_copy(name)
+    return paths
+
+
+def copy_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, CopyLayer]]:
+    """The module copies of adapter ``name`` (of every adapter when None)."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, CopyLayer) and (name is None or name in module.adapter_names()):
+            yield path, module
+
+
+def copy_file_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for path, layer in copy_layers(model, name):
+        for key, (file_key, t) in layer.adapter_file_tensors(name).items():
+            out[f"{FILE_PREFIX}{path}.{file_key}"] = (f"{path}.{key}", t)
+    return out

@@ -1,0 +1,3 @@
+"""Built-in methods: importing this package registers them (one file per method)."""
+
+from peftlab.methods import bitfit, lora  # noqa: F401

@@ -1,0 +1,325 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+A frozen weight ``W`` (``d_out x d_in``) gets a trainable low-rank update::
+
+    h = W x + s * B A dropout(x),     A: r x d_in,  B: d_out x r,  s = alpha / r
+
+(``s = alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732,
+which keeps the update's scale stable as ``r`` grows). ``B`` starts at zero, so the adapted model
+equals the base model at initialisation; ``A`` starts random so that gradients reach ``B``.
+
+Supported layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored ``d_in x d_out``),
+``nn.Embedding`` (``A`` is looked up per token: ``r x num_embeddings``) and ``nn.Conv1d/2d/3d``
+(``A`` is a convolution with the base kernel to ``r`` channels, ``B`` a 1x1 convolution back).
+Tensor names and the config follow peft's, so the files load in peft and vice versa.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core import slots
+from peftlab.core.errors import ConfigError
+from peftlab.core.layer import MergeableLayer
+from peftlab.core.method import FILE_PREFIX, Method, register
+from peftlab.core.targets import ALL_LINEAR, is_linear, select
+
+BIAS_MODES = ("none", "all", "lora_only")
+INITS = ("default", "gaussian", "random")
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters of a half-precision base train in fp32 (stable Adam updates, as peft does)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() \
+        else weight.dtype
+
+
+class LoRALayer(MergeableLayer):
+    """State shared by the LoRA layer kinds: per-adapter scale and the forward pass."""
+
+    owner_method = "lora"
+    class_prefix = "LoRA"
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
+    peftlab_scaling: dict[str, float]
+
+    def _set_scaling(self, name: str, r: int, alpha: float, rslora: bool) -> None:
+        self.__dict__.setdefault("peftlab_scaling", {})[name] = alpha / (math.sqrt(r) if rslora else r)
+
+    def remove_adapter(self, name: str) -> None:
+        self.__dict__.get("peftlab_scaling", {}).pop(name, None)
+        super().remove_adapter(name)
+
+    def restore(self) -> nn.Module:
+        self.__dict__.pop("peftlab_scaling", None)
+        return super().restore()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        out = super().forward(x, *args, **kwargs)
+        for name in self.live_adapters():
+            out = out + self.lora_output(name, x).to(out.dtype)
+        return out
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoRALinearLayer(LoRALayer):
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (same maths, transposed weight)."""
+
+    def _shape(self) -> tuple[int, int]:
+        w = self.weight
+        fan_in_fan_out = not isinstance(self, nn.Linear)  # Conv1D stores (d_in, d_out)
+        return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        d_in, d_out = self._shape()
+        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
+        a, b = nn.Linear(d_in, r, bias=False, **kw), nn.Linear(r, d_out, bias=False, **kw)
+        _init(a.weight, b.weight, init, r)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._set_scaling(name, r, alpha, rslora)
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name]
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.peftlab_scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.peftlab_scaling[name]
+        return delta if isinstance(self, nn.Linear) else delta.T
+
+
+class LoRAEmbeddingLayer(LoRALayer):
+    """LoRA on ``nn.Embedding``: ``A`` (``r x num_embeddings``) is indexed by token id."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    parameter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        num, dim = self.weight.shape
+        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
+        a, b = nn.Parameter(torch.empty(r, num, **kw)), nn.Parameter(torch.empty(dim, r, **kw))
+        _init(a, b, "gaussian" if init == "default" else init, r, embedding=True)
+        self.lora_embedding_A[name], self.lora_embedding_B[name] = a, b
+        self._set_scaling(name, r, alpha, rslora)
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        after_a = F.embedding(x, a.T, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return (after_a @ b.T) * self.peftlab_scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return (b @ a).T * self.peftlab_scaling[name]
+
+
+class LoRAConvLayer(LoRALayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` convolves with the base kernel to ``r`` channels,
+    ``B`` is a 1x1 convolution, so ``delta W[o, i, ...] = s * sum_r B[o, r] A[r, i, ...]``."""
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        conv = type(self).base_class
+        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
+        a = conv(self.in_channels, r, self.kernel_size, self.stride, self.padding, self.dilation,
+                 bias=False, padding_mode=self.padding_mode, **kw)
+        b = conv(r, self.out_channels, 1, bias=False, **kw)
+        _init(a.weight, b.weight, init, r)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._set_scaling(name, r, alpha, rslora)
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name]
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.peftlab_scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        b = self.lora_B[name].weight.float().flatten(1)  # (out, r)
+        a = self.lora_A[name].weight.float()  # (r, in, *kernel)
+        return torch.tensordot(b, a, dims=([1], [0])) * self.peftlab_scaling[name]
+
+
+def _init(a: torch.Tensor, b: torch.Tensor, init: str, r: int, embedding: bool = False) -> None:
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 if embedding else 1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init == "random":
+            nn.init.normal_(b, std=0.02)
+        else:
+            nn.init.zeros_(b)
+
+
+def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
+    """Which LoRA layer adapts ``module`` (None: unsupported)."""
+    if is_linear(module):
+        return LoRALinearLayer
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbeddingLayer
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoRAConvLayer
+    return None
+
+
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """peft's rank/alpha pattern rule: the first key ``k`` with ``(.*\\.)?(k)$`` matching the path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+@register("lora")
+@dataclass(frozen=True)
+class LoRA(Method):
+    """Low-rank adaptation. Mergeable; identity at init; several adapters per model."""
+
+    r: int = 8
+    """Rank. 4-16 covers most tasks; the LoRA paper (Sec. 7) finds even r=1-4 competitive on GPT-3."""
+    alpha: float = 16
+    """Update scale is alpha / r: doubling r at fixed alpha halves the per-direction step, so a
+    tuned learning rate stays usable across ranks."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input only; 0.05-0.1 helps small data sets (QLoRA paper, App. B)."""
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)
+    """Which modules get LoRA (see peftlab.core.targets). All linear layers is the QLoRA paper's
+    finding: adapting every layer matters more than the rank."""
+    exclude_modules: tuple[str, ...] = ()
+    layers: tuple[int | str, ...] | None = None
+    """Only these transformer-block indices (ints or ranges like '0-5'); None: all."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(r) (rank-stabilised LoRA), for large ranks."""
+    bias: str = "none"
+    """'none', 'all' (every bias of the model trains) or 'lora_only' (biases of adapted layers)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank: {regex: r}, peft's rule (first key matching the end of the module path)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "default"
+    """'default' (A Kaiming-uniform, B zero), 'gaussian' (A ~ N(0, 1/r)), 'random' (B random too:
+    not identity at init; for tests and research)."""
+
+    peft_type: ClassVar[str | None] = "LORA"
+    mergeable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora: r must be a positive integer (got {self.r!r}); 8 is a good start")
+        for k, v in self.rank_pattern.items():
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"lora: rank_pattern[{k!r}] must be a positive integer (got {v!r})")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora: alpha must be > 0 (got {self.alpha}); a common choice is 2 * r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora: dropout must be in [0, 1) (got {self.dropout})")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"lora: bias must be one of {BIAS_MODES} (got {self.bias!r})")
+        if self.init not in INITS:
+            raise ConfigError(f"lora: init must be one of {INITS} (got {self.init!r})")
+
+    def attach(self, model: nn.Module, name: str) -> None:
+        paths = select(model, self.target_modules, exclude=self.exclude_modules, layers=self.layers,
+                       supported=(nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
+                       supported_names=("Conv1D",), skip=self.modules_to_save, what="lora")
+        modules = {p: model.get_submodule(p) for p in paths}
+        grouped = [p for p, m in modules.items() if getattr(m, "groups", 1) != 1]
+        if grouped:
+            raise ConfigError(f"lora: grouped convolutions are not supported ({grouped[:3]}); exclude them "
+                              "with exclude_modules")
+        bias_keys = self._bias_keys(model, paths)
+        for path, module in modules.items():
+            layer = layer_kind(module).adopt(module)  # type: ignore[union-attr]
+            r = pattern_value(self.rank_pattern, path, self.r)
+            alpha = pattern_value(self.alpha_pattern, path, self.alpha)
+            layer.add_adapter(name, r, alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+        if bias_keys:
+            slots.train_base_tensors(model, name, bias_keys)
+
+    def _bias_keys(self, model: nn.Module, paths: list[str]) -> list[str]:
+        if self.bias == "none":
+            return []
+        if self.bias == "lora_only":
+            keys = [f"{p}.bias" for p in paths if getattr(model.get_submodule(p), "bias", None) is not None]
+        else:
+            keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
+                    and not any(c in k.split(".") for c in ("lora_A", "lora_B", "peftlab_copy"))]
+        if not keys:
+            raise ConfigError(f"lora: bias={self.bias!r} but the {'adapted layers' if self.bias == 'lora_only' else 'model'}"
+                              " have no bias; use bias='none'")
+        return keys
+
+    def base_file_key(self, model: nn.Module, key: str) -> str:
+        path = key.rpartition(".")[0]
+        module = model.get_submodule(path) if path else model
+        if isinstance(module, LoRALayer):
+            return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
+        return FILE_PREFIX + key
+
+    # ------------------------------------------------------------------------- peft config
+    def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
+        plain = all(not any(ch in t for ch in "*?[:") and t != ALL_LINEAR for t in self.target_modules)
+        simple = plain and not self.exclude_modules and self.layers is None
+        if simple or model is None:
+            targets = list(self.target_modules)
+        else:  # peft cannot express globs, types or layer ranges: write the exact module list
+            targets = [p for p, _ in self.adapted_layers(model, name)]
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": None,
+            "bias": self.bias,
+            "use_rslora": self.rslora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save) or None,
+            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
+            "fan_in_fan_out": False,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "inference_mode": True,
+            "use_dora": False,
+            "lora_bias": False,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LoRA:
+        unsupported = {k: config[k] for k in ("use_dora", "lora_bias", "trainable_token_indices",
+                                               "layer_replication", "use_qalora", "target_parameters")
+                       if config.get(k)}
+        if unsupported:
+            raise ConfigError(f"this peft LoRA config uses options peftlab's LoRA does not implement: {unsupported}")
+
+        def entries(v: Any) -> tuple[str, ...]:
+            if v is None:
+                return ()
+            if isinstance(v, str):  # peft: a string is a regex, full-matched; 'all-linear' is special
+                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
+            return tuple(v)
+
+        init = config.get("init_lora_weights", True)
+        return cls(
+            r=int(config.get("r", 8)),
+            alpha=config.get("lora_alpha", 8),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=entries(config.get("target_modules")) or (ALL_LINEAR,),
+            exclude_modules=entries(config.get("exclude_modules")),
+            layers=tuple(config["layers_to_transform"]) if isinstance(config.get("layers_to_transform"), list)
+            else (config["layers_to_transform"],) if config.get("layers_to_transform") is not None else None,
+            rslora=bool(config.get("use_rslora", False)),
+            bias=config.get("bias", "none"),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=tuple(config.get("modules_to_save") or ()),
+            init="gaussian" if init == "gaussian" else "random" if init is False else "default",
+        )
