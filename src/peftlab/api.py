@@ -119,8 +119,10 @@ def use(model: nn.Module, *names: str) -> None:
                 if m not in names:
                     layer.unmerge_adapter(m)
     for n, s in reg.adapters.items():
-        if s.in_model != (n in names):
-            slots.swap_base(model, s)
+        if n not in names:
+            slots.swap_out_base(model, s)
+    for n in names:
+        slots.swap_in_base(model, reg.adapters[n])
     for _, layer in adapter_layers(model):
         layer.peftlab_active = [n for n in names if n in layer.adapter_names()]
     reg.active = list(names)
@@ -139,9 +141,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     for layer, names in remerge:
         for n in reversed(names):
             layer.unmerge_adapter(n)
-    swapped = [s for n, s in reg.adapters.items() if s.in_model and s.base_keys]
+    swapped = [s for s in reg.adapters.values() if s.in_model and s.base_keys]
     for s in swapped:
-        slots.swap_base(model, s)
+        slots.swap_out_base(model, s)
     for layer in layers:
         layer.peftlab_disabled = True
     try:
@@ -150,7 +152,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.peftlab_disabled = False
         for s in swapped:
-            slots.swap_base(model, s)
+            slots.swap_in_base(model, s)
         for layer, names in remerge:
             for n in names:
                 layer.merge_adapter(n)
@@ -216,10 +218,9 @@ def _remove(model: nn.Module, name: str) -> None:
     for _, layer in list(adapter_layers(model)):
         if name in layer.adapter_names() and (layer.owner_method in ("", s.method.method_name)):
             layer.remove_adapter(name)
-    if s.base_keys and s.in_model and s.stash is not None:
-        slots.swap_base(model, s)
-    for k in s.base_keys:
-        slots._tensor(model, k).requires_grad_(False)
+    if s.base_keys and s.in_model and all(reg.originals.get(k) is not None for k in s.base_keys):
+        slots.swap_out_base(model, s)
+    slots.forget_base(model, name)
     del reg.adapters[name]
     if name in reg.active:
         reg.active.remove(name)
@@ -233,7 +234,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     names = list(reg.adapters) if name is None else [name]
     for n in names:
         s = slots.slot(model, n)
-        if s.base_keys and s.stash is None:
+        if any(registry(model).originals.get(k) is None for k in s.base_keys):
             raise AdapterStateError(f"adapter {n!r} ({s.method.method_name}) trained the base weights in place "
                                     "without a copy; there is no base model to go back to")
         s.method.detach(model, n)

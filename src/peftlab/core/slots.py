@@ -4,9 +4,9 @@ outside adapted layers.
 The registry lives on the root module (``model.peftlab``). Besides adapted layers (which keep
 their own per-adapter containers), an adapter may own
 
-* **base tensors it trains in place** (bias training in LoRA, BitFit): the registry keeps a
-  *stash* (the values not currently in the model: the originals while the adapter is active,
-  its trained values while it is not), so switching adapters and ``disabled()`` are exact;
+* **base tensors it trains in place** (bias training in LoRA, BitFit): the registry keeps the
+  original values once, and each adapter keeps its own values aside while it is not active, so
+  switching adapters, ``disabled()`` and ``detach`` are exact;
 * **full copies of modules** (``modules_to_save``, e.g. a new classification head), held by a
   :class:`CopyLayer` in peft's on-disk layout.
 """
@@ -35,16 +35,20 @@ class Slot:
     method: Method
     base_keys: tuple[str, ...] = ()
     """``state_dict`` keys of base tensors this adapter trains in place."""
-    stash: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    """Values of ``base_keys`` not currently in the model (None: no copy was kept)."""
-    in_model: bool = True
-    """Whether the model holds this adapter's values of ``base_keys`` (vs. the stash)."""
+    own: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """This adapter's values of ``base_keys`` while they are not in the model (None while they are)."""
+
+    @property
+    def in_model(self) -> bool:
+        return self.own is None
 
 
 @dataclass
 class Registry:
     adapters: dict[str, Slot] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    originals: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    """Base values of tensors that adapters train in place (None: no copy kept)."""
 
 
 def registry(model: nn.Module, create: bool = False) -> Registry:
@@ -90,37 +94,62 @@ def _tensor(model: nn.Module, key: str) -> torch.Tensor:
 def train_base_tensors(model: nn.Module, name: str, keys: list[str], *, keep_original: bool = True) -> None:
     """Let adapter ``name`` train the base tensors ``keys`` in place.
 
+    The model holds, for each such tensor, either the original values (no adapter that trains it
+    is active) or the values of the one active adapter that does; the others are kept aside.
+
     Args:
         keep_original: Keep a copy of the original values (exact ``disabled()``/``detach``).
             Full fine-tuning passes False: a second copy of the model is what it avoids.
     """
     reg = registry(model)
-    taken = {k: n for n, s in reg.adapters.items() if n != name for k in s.base_keys}
-    clash = sorted(set(keys) & set(taken))
-    if clash:
-        raise AdapterStateError(f"adapter {name!r} would train {clash[:3]} in place, which adapter "
-                                f"{taken[clash[0]]!r} already trains; detach it or use one model per adapter")
     s = reg.adapters[name]
-    s.base_keys = tuple(keys)
-    s.stash = {k: _tensor(model, k).detach().clone() for k in keys} if keep_original else None
+    live = {k for n, o in reg.adapters.items() if n != name and o.in_model for k in o.base_keys}
+    if live & set(keys) and any(reg.originals.get(k) is None for k in live & set(keys)):
+        raise AdapterStateError(f"adapter {name!r} would train tensors that another adapter changed without "
+                                "keeping the originals; detach it first")
     for k in keys:
+        if k not in reg.originals:
+            reg.originals[k] = _tensor(model, k).detach().clone() if keep_original else None
         _tensor(model, k).requires_grad_(True)
+    s.base_keys = tuple(keys)
+    # A new adapter starts from the original values: already in the model unless another active
+    # adapter holds these tensors, in which case they wait aside until this one is activated.
+    s.own = {k: reg.originals[k].clone() for k in keys} if live & set(keys) else None  # type: ignore[union-attr]
 
 
-def swap_base(model: nn.Module, s: Slot) -> None:
-    """Exchange the model's values of ``s.base_keys`` with the stash."""
-    if not s.base_keys:
+def swap_out_base(model: nn.Module, s: Slot) -> None:
+    """Put the original values back in the model, keeping the adapter's aside."""
+    if not s.base_keys or not s.in_model:
         return
-    if s.stash is None:
-        raise AdapterStateError("this adapter trained base weights in place without keeping the originals "
-                                "(full fine-tuning): the base model cannot be restored")
+    reg = registry(model)
+    if any(reg.originals[k] is None for k in s.base_keys):
+        raise AdapterStateError(f"{s.method.method_name} trained the base weights in place without keeping "
+                                "the originals: the base model cannot be restored or switched away from")
+    with torch.no_grad():
+        s.own = {k: _tensor(model, k).detach().clone() for k in s.base_keys}
+        for k in s.base_keys:
+            _tensor(model, k).copy_(reg.originals[k])
+
+
+def swap_in_base(model: nn.Module, s: Slot) -> None:
+    """Put the adapter's values in the model (the model must hold the originals)."""
+    if not s.base_keys or s.in_model:
+        return
     with torch.no_grad():
         for k in s.base_keys:
-            t = _tensor(model, k)
-            current = t.detach().clone()
-            t.copy_(s.stash[k])
-            s.stash[k] = current
-    s.in_model = not s.in_model
+            _tensor(model, k).copy_(s.own[k])  # type: ignore[index]
+    s.own = None
+
+
+def forget_base(model: nn.Module, name: str) -> None:
+    """Drop adapter ``name``'s claim on base tensors (after it was swapped out)."""
+    reg = registry(model)
+    s = reg.adapters[name]
+    others = {k for n, o in reg.adapters.items() if n != name for k in o.base_keys}
+    for k in s.base_keys:
+        if k not in others:
+            reg.originals.pop(k, None)
+            _tensor(model, k).requires_grad_(False)
 
 
 def base_parameters(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
