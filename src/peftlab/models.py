@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,9 @@ def _ensure_smollm2_cache() -> Path:
         flush=True,
     )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # mkdir (unlike mkdtemp) honours the umask, so the published cache gets normal permissions.
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         _convert_smollm2(gguf_dir, tmp)
         marker = {"source": SMOLLM2_GGUF, "transformers": _transformers().__version__}
