@@ -109,9 +109,11 @@ def test_peftlab_file_loads_in_peft(case, tmp_path):
     if targets is not None:
         assert sorted(config["target_modules"]) == sorted(targets)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(make(), tmp_path)
+    key_warnings = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
+    assert not key_warnings, key_warnings  # peft warns about missing/unexpected adapter keys
     loaded.eval()
     _close(out(loaded, INPUTS), want)
     # peft found every tensor peftlab wrote (none silently dropped)

@@ -57,9 +57,30 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands that live next to their feature: module -> (name, help). Each module defines
+# ``add_arguments(parser)`` and ``run(args) -> int``; importing happens only when used.
+PLUGGED: dict[str, tuple[str, str]] = {}
+
+
+def _plug(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    for module, (name, help_text) in PLUGGED.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and not e.name.startswith("peftlab"):
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(fn=mod.run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab")
     sub = parser.add_subparsers(dest="command", required=True)
+    _plug(sub)
     sub.add_parser("methods", help="list the registered methods and their options").set_defaults(fn=_methods)
     p = sub.add_parser("summary", help="attach a method to an embedded model and show what trains")
     p.add_argument("--model", default="tiny-llama")
