@@ -42,13 +42,6 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from peftlab.lab import quick
-
-    quick.main(args.methods or None, train_size=args.train_size)
-    return 0
-
-
 def _prepare(args: argparse.Namespace) -> int:
     from peftlab import models
 
@@ -59,7 +52,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 # Subcommands that live next to their feature: module -> (name, help). Each module defines
 # ``add_arguments(parser)`` and ``run(args) -> int``; importing happens only when used.
-PLUGGED: dict[str, tuple[str, str]] = {}
+PLUGGED: dict[str, tuple[str, str]] = {
+    "peftlab.lab.bench_cli": ("bench", "train every applicable method side by side and write a report"),
+}
 
 
 def _plug(sub: argparse._SubParsersAction) -> None:
@@ -87,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="lora")
     p.add_argument("option", nargs="*", help="method options as key=value (JSON values)")
     p.set_defaults(fn=_summary)
-    p = sub.add_parser("bench", help="short fine-tune of the embedded encoder, one row per method")
-    p.add_argument("--methods", nargs="*", help="methods to compare (default: full, lora, bitfit)")
-    p.add_argument("--train-size", type=int, default=2000)
-    p.set_defaults(fn=_bench)
     p = sub.add_parser("prepare", help="one-time conversion of embedded models into a fast cache")
     p.add_argument("models", nargs="*", default=["smollm2-135m"])
     p.set_defaults(fn=_prepare)

@@ -101,6 +101,8 @@ class Method:
     """Whether the adapted model equals the base model right after ``attach``."""
     multi_adapter: ClassVar[bool] = True
     """Whether several adapters of this method can live on one model at once."""
+    suggested_lr: ClassVar[float] = 1e-3
+    """A learning rate that works for short runs; the lab's default for this method."""
 
     # ----------------------------------------------------------------------------- life cycle
     def attach(self, model: nn.Module, name: str) -> None:

@@ -1,0 +1,34 @@
+"""``peftlab bench`` arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="embedded model name (default: the task's default model)")
+    p.add_argument("--task", default="tweets", help="tweets | chat | a name for --data")
+    p.add_argument("--data", help="your own CSV/JSONL (text,label or prompt,response columns)")
+    p.add_argument("--methods", nargs="*", help="methods to compare (default: every applicable one; full is "
+                                                "always added as the reference)")
+    p.add_argument("--profile", default="default", help="default | full (3 seeds, more data) | smoke")
+    p.add_argument("--vs", choices=["peft"], help="also train the peft library's version of each method it has")
+    p.add_argument("--name", help="run name: results go to runs/<name>/ (default: <task>-<model>-<profile>)")
+    p.add_argument("--run-dir", help="explicit results directory (overrides --name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished methods")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--options", default="{}", help='per-method options as JSON: {"lora": {"r": 16}}')
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftlab.lab.bench import BenchConfig
+    from peftlab.lab.bench import run as bench
+
+    name = args.name or f"{args.task}-{args.model or 'default'}-{args.profile}"
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    bench(BenchConfig(model=args.model, task=args.task, data=args.data, methods=args.methods,
+                      profile=args.profile, vs_peft=args.vs == "peft", run_dir=run_dir, resume=args.resume,
+                      overwrite=args.overwrite, options=json.loads(args.options)))
+    return 0
