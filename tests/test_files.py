@@ -365,6 +365,58 @@ def test_default_and_other_adapters_save_to_their_folders_and_load_back(tmp_path
     torch.testing.assert_close(out(fresh, INPUTS), want_default, atol=1e-6, rtol=1e-6)
 
 
+def _bias_adapter(seed: int, tmp: Path, **options) -> tuple[Path, torch.Tensor]:
+    model = tiny_bert()
+    peftlab.attach(model, "lora", **{"r": 2, "target_modules": ["query"], "bias": "all", **options})
+    perturb(peftlab.adapter_parameters(model, "default"), seed=seed)
+    peftlab.save(model, tmp)
+    return tmp, out(model, INPUTS)
+
+
+def test_saving_an_inactive_adapter_that_trains_biases_saves_its_own_biases(tmp_path):
+    """Two adapters train the biases in place (bias='all'); the inactive one keeps its values
+    aside (Slot.own). Saving must write those, not the active adapter's."""
+    model = tiny_bert()
+    peftlab.attach(model, "lora", name="a", r=2, target_modules=["query"], bias="all")
+    perturb(peftlab.adapter_parameters(model, "a"), seed=1)
+    want_a = out(model, INPUTS)
+    peftlab.attach(model, "lora", name="b", r=2, target_modules=["query"], bias="all")  # b active now
+    perturb(peftlab.adapter_parameters(model, "b"), seed=2)
+    want_b = out(model, INPUTS)
+    peftlab.save(model, tmp_path)
+    for name, want in (("a", want_a), ("b", want_b)):
+        fresh = tiny_bert()
+        peftlab.load(fresh, tmp_path / name, name=name)
+        torch.testing.assert_close(out(fresh, INPUTS), want, atol=1e-6, rtol=1e-6, msg=f"adapter {name!r}")
+
+
+def test_loading_an_inactive_bias_adapter_leaves_the_active_one_alone(tmp_path):
+    da, want_a = _bias_adapter(1, tmp_path / "a")
+    db, want_b = _bias_adapter(2, tmp_path / "b")
+    model = tiny_bert()
+    peftlab.load(model, db, name="b")
+    peftlab.load(model, da, name="a", activate=False)
+    assert peftlab.active(model) == ["b"]
+    torch.testing.assert_close(out(model, INPUTS), want_b, atol=1e-6, rtol=1e-6, msg="active adapter b changed")
+    peftlab.use(model, "a")
+    torch.testing.assert_close(out(model, INPUTS), want_a, atol=1e-6, rtol=1e-6, msg="adapter a did not load")
+
+
+def test_one_adapter_of_a_multi_adapter_model_loads_on_its_own(tmp_path):
+    """Adapter 'a' trains every bias; adapter 'b' puts LoRA on 'value'. Saved from the shared
+    model, a's value biases are keyed ``value.base_layer.bias`` (value is wrapped because of b);
+    loading 'a' alone (value not wrapped) must still find them."""
+    model = tiny_bert()
+    peftlab.attach(model, "lora", name="a", r=2, target_modules=["query"], bias="all")
+    perturb(peftlab.adapter_parameters(model, "a"), seed=1)
+    want_a = out(model, INPUTS)
+    peftlab.attach(model, "lora", name="b", r=2, target_modules=["value"], activate=False)
+    peftlab.save(model, tmp_path)
+    fresh = tiny_bert()
+    peftlab.load(fresh, tmp_path / "a", name="a")
+    torch.testing.assert_close(out(fresh, INPUTS), want_a, atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- atomic save
 def test_save_is_atomic_on_a_full_disk(tmp_path, monkeypatch):
     import safetensors.torch

@@ -1,0 +1,66 @@
+"""Bench smoke run on a tiny model: every report file is produced and parseable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab.lab import report
+from peftlab.lab.bench import BenchConfig, applicable_methods, run
+
+
+def test_applicability_is_decided_by_attaching():
+    found = applicable_methods("tweets", "tiny-bert")
+    assert found["full"] is None and found["lora"] is None and found["bitfit"] is None
+    llama = applicable_methods("tweets", "tiny-llama-cls")
+    assert "no bias" in llama["bitfit"]
+
+
+def test_bench_smoke_two_methods(tmp_path):
+    run_dir = tmp_path / "run"
+    rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir))
+    assert {(r["method"], r["impl"]) for r in rows} == {("full", "peftlab"), ("lora", "peftlab")}
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    parsed = [json.loads(x) for x in lines]
+    assert len(parsed) == 2 and all("error" not in r for r in parsed)
+    for r in parsed:
+        for key in ("trainable", "percent", "seconds_per_step", "tokens_per_second", "peak_train_rss", "score",
+                    "latency_ms_b1", "checkpoint_bytes", "peak_infer_rss", "env"):
+            assert key in r or f"{key}_unmerged" in r, (r["method"], key)
+        assert r["env"]["torch"] and r["env"]["threads"] >= 1
+    lora = next(r for r in parsed if r["method"] == "lora")
+    assert lora["latency_ms_b1_merged"] > 0 and lora["latency_ms_b8_unmerged"] > 0
+    assert lora["trainable"] < next(r for r in parsed if r["method"] == "full")["trainable"]
+    for name in ("report.md", "report.html", "score_vs_params.png", "score_vs_memory.png", "latency.png",
+                 "loss_curves.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    assert "| lora |" in (run_dir / "report.md").read_text()
+    # an existing run directory is refused without --resume/--overwrite; --resume skips finished work
+    with pytest.raises(ValueError, match="--resume"):
+        run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir))
+    again = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir,
+                            resume=True))
+    assert len(again) == 2
+
+
+def test_unknown_names_list_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="known"):
+        run(BenchConfig(model="tiny-bert", task="tweets", methods=["lorra"], profile="smoke", run_dir=tmp_path / "a"))
+    with pytest.raises(ValueError, match="known"):
+        run(BenchConfig(model="nope", task="tweets", profile="smoke", run_dir=tmp_path / "b"))
+
+
+def test_report_aggregates_seeds_and_ratios():
+    base = {"trainable": 10, "percent": 1.0, "seconds_per_step": 1.0, "tokens_per_second": 100.0,
+            "peak_train_rss": 2**20, "checkpoint_bytes": 100, "metric": "accuracy", "history": [], "evals": []}
+    rows = [{**base, "method": "full", "impl": "peftlab", "seed": s, "score": 0.8, "trainable": 1000} for s in (0, 1)]
+    rows += [{**base, "method": "lora", "impl": "peftlab", "seed": s, "score": 0.7 + 0.1 * s} for s in (0, 1)]
+    rows += [{**base, "method": "lora", "impl": "peft", "seed": 0, "score": 0.75, "seconds_per_step": 2.0}]
+    agg = {a["label"]: a for a in report.aggregate(rows)}
+    assert agg["lora"]["relative"] == pytest.approx(0.75 / 0.8)
+    assert "±" in report.terminal_table(rows)
+    ratios = report.peer_ratios(report.aggregate(rows))
+    assert ratios[0]["step_time"] == pytest.approx(0.5) and ratios[0]["score"] == pytest.approx(1.0)
