@@ -12,6 +12,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# The built-in methods register on import. Imported first, because importing the subpackage
+# binds ``peftlab.methods`` to it; the ``methods()`` function below takes the name back.
+import peftlab.methods as _builtin_methods  # noqa: E402,F401
+
 from peftlab.api import (
     active,
     adapter_parameters,

@@ -160,7 +160,7 @@ class Method:
                     f"{path}.{key}" if path else key, t)
         return out
 
-    def base_file_key(self, model: nn.Module, key: str) -> str:
+    def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         """File key of a base tensor this adapter trains in place (``state_dict`` key ``key``)."""
         return FILE_PREFIX + key
 

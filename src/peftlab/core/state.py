@@ -43,9 +43,32 @@ def file_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tens
     s = slots.slot(model, name)
     table = dict(s.method.file_tensors(model, name))
     table.update(slots.copy_file_tensors(model, name))
-    for key, t in slots.base_parameters(model, name).items():
-        table[s.method.base_file_key(model, key)] = (key, t)
+    # an inactive adapter's values of base tensors it trains wait aside, not in the model
+    own = s.own if s.own is not None else slots.base_parameters(model, name)
+    for key, t in own.items():
+        table[s.method.base_file_key(model, key, name)] = (key, t)
     return table
+
+
+def _canonical(key: str) -> str:
+    """peft names a wrapped layer's own tensors ``<layer>.base_layer.<t>``; peftlab's layers are not
+    wrapped. Matching ignores that difference."""
+    return key.replace(".base_layer.", ".")
+
+
+def _base_copies(model: nn.Module, keys: list[str], tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Split unexpected file keys into copies of unchanged base weights (peft saves embedding
+    weights alongside embedding adapters) and the rest."""
+    state = model.state_dict()
+    same, rest = [], []
+    for key in keys:
+        base = state.get(_canonical(key).removeprefix(FILE_PREFIX))
+        if base is not None and base.shape == tensors[key].shape and base.device.type != "meta" \
+                and torch.equal(base.to(tensors[key].dtype), tensors[key]):
+            same.append(key)
+        else:
+            rest.append(key)
+    return same, rest
 
 
 def _architecture(model: nn.Module) -> dict[str, str]:
@@ -132,10 +155,13 @@ def read(directory: str | os.PathLike[str]) -> tuple[Method, dict[str, torch.Ten
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{weights} is not a readable safetensors file ({e}); it was not loaded "
                                "(peftlab never unpickles adapter files)") from None
-    if "peftlab_options" in metadata:
-        method = method_class(metadata["peftlab_method"]).from_options(json.loads(metadata["peftlab_options"]))
-    else:
-        method = method_from_config(config)
+    try:
+        if "peftlab_options" in metadata:
+            method = method_class(metadata["peftlab_method"]).from_options(json.loads(metadata["peftlab_options"]))
+        else:
+            method = method_from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterFileError(f"{d} holds an adapter configuration peftlab cannot use: {e}") from None
     return method, tensors, metadata
 
 
@@ -146,7 +172,7 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAUL
     Reads files written by peftlab or by peft. On any mismatch (architecture, missing,
     unexpected or mis-shaped tensors) the model is left as it was and the error lists them.
     """
-    from peftlab.api import attach, detach
+    from peftlab.api import attach, detach, use
 
     method, tensors, metadata = read(directory)
     if "peftlab_base" in metadata:
@@ -157,16 +183,19 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAUL
                 f"{directory} was trained on a {want['model_type']!r} model ({want['model_class']}), "
                 f"but this model is {have['model_type']!r} ({have['model_class']}); load it onto the "
                 "architecture it was trained on")
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        attach(model, method, name, trainable=trainable, activate=activate)
+        attach(model, method, name, trainable=trainable, activate=False)
     except PeftlabError as e:
         raise AdapterFileError(f"the adapter in {directory} does not fit {type(model).__name__}: {e}") from e
     try:
-        table = file_tensors(model, name)
-        missing = sorted(set(table) - set(tensors))
-        unexpected = sorted(set(tensors) - set(table))
-        misshaped = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(table[k][1].shape)}"
-                           for k in set(table) & set(tensors) if tensors[k].shape != table[k][1].shape)
+        table = {_canonical(k): v for k, v in file_tensors(model, name).items()}
+        by_canon = {_canonical(k): k for k in tensors}
+        missing = sorted(set(table) - set(by_canon))
+        unexpected = sorted(by_canon[k] for k in set(by_canon) - set(table))
+        _, unexpected = _base_copies(model, unexpected, tensors)
+        misshaped = sorted(f"{k}: file {tuple(tensors[by_canon[k]].shape)} vs model {tuple(table[k][1].shape)}"
+                           for k in set(table) & set(by_canon) if tensors[by_canon[k]].shape != table[k][1].shape)
         if missing or unexpected or misshaped:
             parts = [f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
                      for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -178,8 +207,12 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAUL
                 if t.device.type == "meta":
                     raise AdapterFileError("cannot load values into a model on the meta device; "
                                            "materialise it first (e.g. model.to_empty(device='cpu'))")
-                t.copy_(tensors[key].to(dtype=t.dtype))
+                t.copy_(tensors[by_canon[key]].to(dtype=t.dtype))
     except BaseException:
         detach(model, name)
+        for p, flag in grads:
+            p.requires_grad_(flag)
         raise
+    if activate:
+        use(model, name)
     return model

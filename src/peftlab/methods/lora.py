@@ -255,10 +255,10 @@ class LoRA(Method):
                               " have no bias; use bias='none'")
         return keys
 
-    def base_file_key(self, model: nn.Module, key: str) -> str:
+    def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         path = key.rpartition(".")[0]
         module = model.get_submodule(path) if path else model
-        if isinstance(module, LoRALayer):
+        if isinstance(module, LoRALayer) and name in module.adapter_names():
             return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
         return FILE_PREFIX + key
 
@@ -284,7 +284,9 @@ class LoRA(Method):
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": list(self.modules_to_save) or None,
             "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": model is not None and any(  # GPT-2 Conv1D stores (d_in, d_out)
+                not isinstance(layer, nn.Linear) and isinstance(layer, LoRALinearLayer)
+                for _, layer in self.adapted_layers(model, name)),
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
