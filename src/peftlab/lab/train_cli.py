@@ -1,0 +1,230 @@
+"""``peftlab train``: fine-tune an embedded model on a task with one method (or in full).
+
+Examples::
+
+    peftlab train --task tweets --method lora --opt r=8 --opt 'target_modules=["query","value"]' --lr 1e-3
+    peftlab train --task chat --method lora --steps 100 --save-every 25 --run-dir runs/chat
+    peftlab train --task chat --run-dir runs/chat --resume          # continue after an interruption
+    peftlab train --data my.csv --model minilm --method full --lr 5e-5
+
+The run directory holds ``run.json`` (what was trained), ``checkpoints/step-<N>/``, the adapter
+(``adapter/``, written with :func:`peftlab.save`; ``model/`` with ``save_pretrained`` for
+``--method full``) and ``result.json`` (the :class:`~peftlab.lab.trainer.TrainResult`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from peftlab.core.errors import ConfigError
+from peftlab.lab.tasks import get_task, task_names
+from peftlab.lab.trainer import PRECISIONS, SCHEDULES, TrainConfig, train
+
+FULL = "full"
+"""Full fine-tuning: no adapter, every parameter trains."""
+RUN_FILE = "run.json"
+RESULT_FILE = "result.json"
+_OWNED = ("checkpoints", "adapter", "model", RUN_FILE, RESULT_FILE)  # what --overwrite may delete
+_HEADS = ("classifier", "score")  # classification heads of BERT-like and Llama-like models
+
+_HELP = {
+    "steps": "optimizer steps in total",
+    "batch_size": "examples per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay (not on biases and norm weights)",
+    "warmup_ratio": "fraction of the steps spent warming up linearly",
+    "schedule": "learning-rate decay after warm-up",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "eval_every": "evaluate every N steps and at the end (0: only at the end)",
+    "eval_examples": "validation examples per evaluation ('none': all)",
+    "save_every": "checkpoint every N steps and at the end (0: never)",
+    "max_length": "maximum tokens per sequence",
+    "seed": "seed of data order, subset, dropout and adapter initialisation",
+    "precision": "autocast precision (fp16: CUDA only)",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
+    "train_examples": "train on a seeded subset of this many examples ('none': all)",
+    "progress": "show the progress bar and evaluation lines",
+}
+
+
+def _optional_int(text: str) -> int | None:
+    if text.strip().lower() in ("none", "all", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``peftlab train``'s options to ``parser`` (one flag per :class:`TrainConfig` field)."""
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--task", help=f"built-in task: {', '.join(task_names())} (or use --data)")
+    what.add_argument("--data", metavar="FILE", help="your own .csv or .jsonl: columns text,label (classification) "
+                      "or prompt,response (causal LM), optionally split")
+    what.add_argument("--model", help="embedded model name (default: the task's default model)")
+    what.add_argument("--method", default="lora", help=f"a registered method or '{FULL}' (default: lora)")
+    what.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                      help="method option with a JSON value, repeatable (e.g. --opt r=8 "
+                           "--opt 'target_modules=[\"query\",\"value\"]')")
+    how = parser.add_argument_group("how to train")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        kw: dict[str, Any] = {"default": f.default, "help": f"{_HELP.get(f.name, '')} (default: {f.default})"}
+        if kind is bool:
+            how.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "schedule":
+            how.add_argument(flag, choices=SCHEDULES, **kw)
+        elif f.name == "precision":
+            how.add_argument(flag, choices=PRECISIONS, **kw)
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType):
+            how.add_argument(flag, type=_optional_int, metavar="N", **kw)
+        else:
+            how.add_argument(flag, type=kind, **kw)
+    run = parser.add_argument_group("run directory")
+    run.add_argument("--run-dir", help="where checkpoints, the adapter and results go "
+                                       "(default: runs/<task>-<model>-<method>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="start over in an existing --run-dir")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["r=8", "target_modules=[\\"q\\"]"]`` -> ``{"r": 8, "target_modules": ["q"]}`` (JSON values,
+    plain strings where a value is not JSON)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt {pair!r} must look like key=value (e.g. r=8 or "
+                              "target_modules='[\"q_proj\"]')")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _model_kind_check(task: Any, model_name: str) -> None:
+    from peftlab import models
+
+    spec = models.MODELS.get(model_name)
+    if spec is None:
+        return  # models.load names the known models
+    need = "encoder-classifier" if task.kind == "classification" else "causal-lm"
+    if spec.kind != need:
+        fits = [n for n, s in models.MODELS.items() if s.kind == need]
+        article = "an" if spec.kind[0] in "aeiou" else "a"
+        raise ConfigError(f"task {task.name!r} ({task.kind}) needs a {need} model ({', '.join(fits)}); "
+                          f"{model_name!r} is {article} {spec.kind}; pick one with --model")
+
+
+def _check_run_dir(run_dir: Path, record: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+    """Refuse an existing run directory unless resuming the same run or overwriting; return
+    whether it is in use."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file; pass a directory")
+    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if used and not (resume or overwrite):
+        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite "
+                          "to start over, or another --run-dir")
+    if used and resume and (run_dir / RUN_FILE).is_file():
+        before = json.loads((run_dir / RUN_FILE).read_text())
+        diff = sorted(k for k in record if before.get(k) != record[k])
+        if diff:
+            details = "; ".join(f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in diff)
+            raise ConfigError(f"--resume: {run_dir} was trained with different settings ({details}); "
+                              "resume with the same ones or use another --run-dir")
+    return used
+
+
+def _start_run_dir(run_dir: Path, record: dict[str, Any], clear: bool) -> None:
+    """Delete what an earlier run wrote here (only peftlab's own files) when ``clear``; write run.json."""
+    if clear:
+        for name in _OWNED:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say, save the adapter into ``run_dir/adapter`` and print the final metrics."""
+    import torch
+
+    import peftlab
+    from peftlab import models
+
+    if not args.task and not args.data:
+        raise ConfigError(f"say what to train on: --task ({', '.join(task_names())}) or --data FILE")
+    task = get_task(args.task, args.data)
+    model_name = args.model or task.default_model
+    _model_kind_check(task, model_name)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    options = parse_options(args.opt)
+    if args.method == FULL and options:
+        raise ConfigError(f"--method {FULL} takes no --opt (got {sorted(options)})")
+    if args.method != FULL:
+        peftlab.method_class(args.method)  # an unknown method fails here, before any loading
+    run_dir = Path(args.run_dir or f"runs/{task.name}-{model_name}-{args.method}")
+    record = {"task": task.name, "data": str(Path(args.data).resolve()) if args.data else None, "model": model_name,
+              "method": args.method, "options": dict(options)}
+    used = _check_run_dir(run_dir, record, args.resume, args.overwrite)
+
+    model, tokenizer = models.load(model_name, num_labels=task.num_labels or 2, seed=config.seed)
+    if tokenizer is None:
+        raise ConfigError(f"model {model_name!r} comes without a tokenizer (tiny-gpt2 has none; tiny-llama* use "
+                          "SmolLM2's once `peftlab prepare smollm2-135m` has run); pick another --model")
+    if args.method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if task.kind == "classification" and "modules_to_save" not in options:
+            children = dict(model.named_children())
+            head = next((h for h in _HEADS if h in children), None)
+            if head is not None:
+                options["modules_to_save"] = [head]
+                print(f"peftlab: training the new classification head {head!r} in full (modules_to_save)")
+        torch.manual_seed(config.seed)  # adapter initialisation
+        peftlab.attach(model, args.method, **options)
+    _start_run_dir(run_dir, record, clear=used and args.overwrite)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {trainable:,} trainable "
+          f"parameters of {total:,} ({100 * trainable / total:.3f}%); run directory {run_dir}")
+    result = train(model, tokenizer, task, config, run_dir=run_dir, resume=args.resume)
+
+    if args.method == FULL:
+        saved = run_dir / "model"
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+    else:
+        saved = run_dir / "adapter"
+        peftlab.save(model, saved)
+    (run_dir / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+
+    print(f"\n{result.steps} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step, "
+          f"{result.tokens_per_second:,.0f} tokens/s)")
+    print(f"final validation metrics ({len(result.evals)} evaluations):")
+    for key, value in result.final.items():
+        print(f"  {key:<12} {value:.4f}")
+    if result.overfitting:
+        print("  overfitting: training loss fell while validation loss rose above its best; "
+              "see the evaluations in result.json")
+    print(f"saved to {saved}")
+    return 0

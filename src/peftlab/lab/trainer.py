@@ -1,0 +1,740 @@
+"""A small, exact trainer for one model, one task and one PEFT method (or full fine-tuning).
+
+What it does, in order, for each optimizer step:
+
+1. ``grad_accum`` micro-batches of ``batch_size`` examples, drawn from a seeded permutation of
+   the training examples per epoch (a batch may run on into the next epoch, so every batch is
+   full); forward under autocast (``bf16``/``fp16`` on CUDA, ``bf16`` on CPU), loss divided by
+   ``grad_accum``, backward. A loss that is NaN or inf stops the run before any parameter
+   changes (:class:`TrainingDiverged`).
+2. Gradient clipping to ``max_grad_norm``, then the optimizer step: AdamW with weight decay on
+   every trainable tensor but biases and norm weights (or the optimizer an attached method
+   offers through ``make_optimizer``), and the learning-rate schedule: linear warm-up over
+   ``warmup_ratio`` of the steps, then cosine or linear decay to zero, or constant.
+3. Every ``eval_every`` steps and at the end: ``task.evaluate`` on the validation examples
+   (validation loss and the task's metrics, next to the mean training loss since the previous
+   evaluation). Training loss falling while validation loss rises above its best is flagged
+   as overfitting. Evaluation never changes the random state, so it never changes training.
+4. Every ``save_every`` steps and at the end: a checkpoint under
+   ``run_dir/checkpoints/step-<N>/`` (trainable tensors as safetensors, optimizer, scheduler
+   and grad-scaler state, the RNG states of torch, Python and NumPy, the data position and the
+   history), written into a temporary folder and renamed into place, so a crash never leaves a
+   half checkpoint; the newest two are kept. ``resume=True`` continues from the newest one and
+   on CPU ends with bit-identical parameters and the same loss history as an uninterrupted run.
+
+Example:
+    >>> from peftlab import models
+    >>> from peftlab.lab.tasks import get_task
+    >>> from peftlab.lab.trainer import TrainConfig, train
+    >>> model, tok = models.load("minilm", num_labels=3)
+    >>> peftlab.attach(model, "lora", r=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    >>> result = train(model, tok, get_task("tweets"), TrainConfig(steps=100, lr=1e-3), run_dir="runs/x")
+    >>> result.final["accuracy"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from peftlab.core.errors import ConfigError, PeftlabError
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoints", "latest_checkpoint", "subset", "train"]
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+KEEP_CHECKPOINTS = 2
+OVERFIT_TOLERANCE = 0.01
+"""Validation loss must exceed its best by this fraction (1 %) to count as rising."""
+
+CHECKPOINT_DIR = "checkpoints"
+PARAMS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+_FORMAT = 1
+
+# Settings that define the stream of training batches: a checkpoint only resumes under the same ones.
+_DATA_FIELDS = ("seed", "batch_size", "grad_accum", "train_examples")
+# Settings that change the trajectory but may be changed on resume (with a warning).
+_SOFT_FIELDS = ("lr", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm", "max_length", "precision")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field has a working default.
+
+    Attributes:
+        steps: Optimizer steps in total (a resumed run continues up to this step).
+        batch_size: Examples per micro-batch (also the evaluation batch size).
+        grad_accum: Micro-batches per optimizer step (effective batch: ``batch_size * grad_accum``).
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        warmup_ratio: Fraction of ``steps`` of linear warm-up (rounded up to whole steps).
+        schedule: ``"cosine"`` or ``"linear"`` decay to zero after warm-up, or ``"constant"``.
+        max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
+        eval_every: Evaluate every this many steps (and always at the end); 0: only at the end.
+        eval_examples: Validation examples per evaluation (a fixed subset, the same for every
+            seed and method); ``None``: all.
+        save_every: Checkpoint every this many steps and at the end (needs ``run_dir``); 0: never.
+        max_length: Maximum tokens per sequence.
+        seed: Seeds the data order, the training subset, dropout and the global RNGs.
+        precision: ``"fp32"``, or autocast in ``"bf16"`` (CUDA or CPU) or ``"fp16"`` (CUDA only,
+            with gradient scaling).
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
+        train_examples: Use a seeded subset of this many training examples; ``None``: all.
+        progress: Show a progress bar (loss, tokens/s) and the evaluation lines.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    eval_examples: int | None = 500
+    save_every: int = 0
+    max_length: int = 128
+    seed: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    train_examples: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; the error names the field and what it accepts.
+
+        Raises:
+            ConfigError: A field is out of range.
+        """
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"TrainConfig: {what}")
+
+        for name in ("steps", "batch_size", "grad_accum"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_every", "save_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0 (0 turns it off), got {getattr(self, name)!r}")
+        for name in ("eval_examples", "train_examples"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1),
+                 f"{name} must be None (all) or an integer >= 1, got {value!r}")
+        need(isinstance(self.max_length, int) and self.max_length >= 2,
+             f"max_length must be an integer >= 2, got {self.max_length!r}")
+        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. a checkpoint's); unknown keys are an error naming the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured.
+
+    Attributes:
+        steps: Optimizer steps done (including those before a resume).
+        seconds: Training time (forward, backward, optimizer), without evaluation and checkpoints.
+        tokens: Non-padding input tokens seen in training.
+        tokens_per_second: ``tokens / seconds``.
+        seconds_per_step: ``seconds / steps``.
+        history: One dict per optimizer step: ``step``, ``loss`` (mean over its micro-batches),
+            ``lr`` (used by that step), ``tokens`` and ``seconds`` (of that step alone).
+        evals: One dict per evaluation: ``step``, ``train_loss`` (mean since the previous
+            evaluation), the ``task.evaluate`` keys prefixed ``val_`` and ``overfitting``.
+        final: ``task.evaluate`` on the validation examples at the end (unprefixed keys).
+        overfitting: Training loss fell while validation loss rose above its best (see
+            :data:`OVERFIT_TOLERANCE`) between the best evaluation and the last one.
+    """
+
+    steps: int
+    seconds: float
+    tokens: int
+    tokens_per_second: float
+    seconds_per_step: float
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    overfitting: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingDiverged(PeftlabError):
+    """The loss (or the gradient norm) became NaN or infinite; training stopped before the
+    optimizer step, and the checkpoints on disk are untouched.
+
+    Attributes:
+        step: The optimizer step that failed (1-based).
+        loss: The offending value.
+        checkpoint: The newest (good) checkpoint folder, or ``None`` when none was written.
+    """
+
+    def __init__(self, message: str, *, step: int, loss: float, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+        self.checkpoint = checkpoint
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _derived_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed derived from ``seed`` and ``parts`` (independent streams per purpose)."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def subset(examples: list, k: int | None, seed: int) -> list:
+    """``k`` examples chosen by ``seed``, in their original order (all when ``k`` is None).
+
+    The built-in splits are sorted by text, so their first ``k`` examples are not a fair
+    sample; this is. :func:`train` evaluates on ``subset(validation, eval_examples, 0)``
+    (seed 0 whatever the run's seed, so every run is scored on the same examples).
+    """
+    if k is None or k >= len(examples):
+        return list(examples)
+    g = torch.Generator().manual_seed(_derived_seed(seed, "subset"))
+    chosen = sorted(torch.randperm(len(examples), generator=g)[:k].tolist())
+    return [examples[i] for i in chosen]
+
+
+class _DataOrder:
+    """A seeded permutation of ``range(n)`` per epoch, read in batches that may cross epochs.
+
+    ``(epoch, position)`` is the whole state: a checkpoint stores it, and a new instance at the
+    same state yields the same indices.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
+        self._order = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            chunk = self._order[self.position:self.position + k - len(out)]
+            out += chunk
+            self.position += len(chunk)
+        return out
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate factor of optimizer step ``s`` (0-based): linear warm-up from
+    ``1 / (W + 1)`` to 1 over ``W`` steps, then the decay."""
+    warmup = math.ceil(config.warmup_ratio * config.steps)
+    total, kind = config.steps, config.schedule
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and norm weights (and any other vector) train without weight decay."""
+    return param.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
+
+
+def _make_optimizer(model: nn.Module, named: dict[str, nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer an attached method offers (``make_optimizer``), else AdamW."""
+    from peftlab.api import adapters
+
+    hooks = [(n, m) for n, m in adapters(model).items() if callable(getattr(m, "make_optimizer", None))]
+    if len(hooks) > 1:
+        raise ConfigError(f"adapters {[n for n, _ in hooks]} each bring their own optimizer; train one of them "
+                          "at a time (detach or freeze the others)")
+    if hooks:
+        name, method = hooks[0]
+        optimizer = method.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"adapter {name!r} ({method.method_name}).make_optimizer returned "
+                              f"{type(optimizer).__name__}, not a torch.optim.Optimizer")
+        return optimizer
+    decay = [p for n, p in named.items() if not _no_decay(n, p)]
+    no_decay = [p for n, p in named.items() if _no_decay(n, p)]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision 'fp16' needs a CUDA model (this one is on {device.type}); "
+                          "use 'bf16' or 'fp32'")
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU has no bf16 support; use precision 'fp16' or 'fp32'")
+        if device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"precision 'bf16' works on CUDA or CPU, not {device.type}; use 'fp32'")
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model: nn.Module, on: bool) -> Iterator[None]:
+    """Turn on activation checkpointing for the block (non-reentrant), and input gradients
+    when the input embeddings are frozen; both are turned off again afterwards."""
+    if not on:
+        yield
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} has no gradient checkpointing; "
+                          "set gradient_checkpointing=False")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs_hooked = False
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and not any(p.requires_grad for p in embeddings.parameters()):
+        model.enable_input_require_grads()
+        inputs_hooked = True
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        if inputs_hooked:
+            model.disable_input_require_grads()
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class _State:
+    """Everything besides tensors that a checkpoint must carry to resume exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    since_eval: list[float] = field(default_factory=list)
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints under ``run_dir/checkpoints``, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith("step-") and name[5:].isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(name[5:]), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``run_dir``, or ``None``."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any, state: _State,
+                     config: TrainConfig, device: torch.device) -> Path:
+    """Write ``run_dir/checkpoints/step-<N>`` atomically and keep the newest two."""
+    from safetensors.torch import save_file
+
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in named.items()}, str(tmp / PARAMS_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIMIZER_FILE)
+        torch.save(_rng_state(device), tmp / RNG_FILE)
+        record = {"format": _FORMAT, "config": config.to_dict(), **dataclasses.asdict(state)}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+        if target.exists():  # a rerun of the same step: move the old one aside first
+            stale = root / f".stale-step-{state.step}-{os.getpid()}"
+            os.replace(target, stale)
+            os.replace(tmp, target)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PeftlabError(f"could not write checkpoint {target}: {e}. The previous checkpoints are intact; "
+                           "free some disk space or choose another run_dir") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
+                     device: torch.device) -> tuple[_State, TrainConfig]:
+    """Restore tensors, optimizer, scheduler, scaler and RNG from ``path``; return the state and
+    the config the checkpoint was written with."""
+    from safetensors.torch import load_file
+
+    record = json.loads((path / STATE_FILE).read_text())
+    if record.get("format") != _FORMAT:
+        raise ConfigError(f"checkpoint {path} has format {record.get('format')!r}, this peftlab reads "
+                          f"{_FORMAT}; start a new run_dir")
+    tensors = load_file(str(path / PARAMS_FILE))
+    missing = sorted(set(named) - set(tensors))
+    unexpected = sorted(set(tensors) - set(named))
+    wrong = sorted(n for n in set(named) & set(tensors) if tensors[n].shape != named[n].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"checkpoint {path} does not fit the model's trainable tensors (missing: {missing[:5]}, "
+                          f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]}); resume with the same model "
+                          "and method, or start a new run_dir")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(tensors[n])
+    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=device)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(torch.load(path / RNG_FILE, weights_only=True), device)
+    fields = {f.name for f in dataclasses.fields(_State)}
+    state = _State(**{k: v for k, v in record.items() if k in fields})
+    return state, TrainConfig.from_dict(record["config"])
+
+
+def _reconcile(old: TrainConfig, new: TrainConfig, path: Path) -> list[str]:
+    """Fields that differ between a checkpoint's config and this run's: an error for those that
+    define the data stream, the names of the others that change the trajectory."""
+    hard = [f for f in _DATA_FIELDS if getattr(old, f) != getattr(new, f)]
+    if hard:
+        diff = ", ".join(f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in hard)
+        raise ConfigError(f"cannot resume from {path}: {diff} changes the order of the training data; "
+                          "resume with the checkpoint's values or start a new run_dir")
+    soft = [f for f in _SOFT_FIELDS if getattr(old, f) != getattr(new, f)]
+    schedule_moves = new.schedule != "constant" or new.warmup_ratio > 0
+    if old.steps != new.steps and schedule_moves:
+        soft.append("steps")
+    return soft
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _overfitting(evals: list[dict]) -> bool:
+    """Whether, from the evaluation with the lowest validation loss to the last one, training
+    loss fell while validation loss rose by more than :data:`OVERFIT_TOLERANCE`."""
+    usable = [e for e in evals
+              if math.isfinite(e.get("val_loss", math.nan)) and math.isfinite(e.get("train_loss", math.nan))]
+    if len(usable) < 2:
+        return False
+    best = min(usable, key=lambda e: e["val_loss"])
+    last = usable[-1]
+    return (last is not best and last["val_loss"] > best["val_loss"] * (1 + OVERFIT_TOLERANCE)
+            and last["train_loss"] < best["train_loss"])
+
+
+def _describe(record: dict, steps: int) -> str:
+    scores = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "overfitting"))
+    return f"step {record['step']}/{steps}: {scores}"
+
+
+def _overfit_line(evals: list[dict]) -> str:
+    usable = [e for e in evals if math.isfinite(e.get("val_loss", math.nan))]
+    best, last = min(usable, key=lambda e: e["val_loss"]), evals[-1]
+    return (f"overfitting: validation loss {last['val_loss']:.4f} is above its best {best['val_loss']:.4f} "
+            f"(step {best['step']}) while training loss fell {best['train_loss']:.4f} -> {last['train_loss']:.4f}; "
+            "consider fewer steps, a lower lr, more data or more weight decay")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _diverged(problem: str, value: float, step: int, config: TrainConfig, run_dir: Path | None,
+              lr: float) -> TrainingDiverged:
+    """The error for step ``step`` (1-based), naming the last good checkpoint and what to try."""
+    checkpoint = latest_checkpoint(run_dir) if run_dir is not None else None
+    if checkpoint is not None:
+        where = (f"The last good checkpoint, {checkpoint}, is intact: resume from it (resume=True, --resume) "
+                 "after changing the settings.")
+    elif config.save_every:
+        where = f"No checkpoint had been written yet (save_every={config.save_every})."
+    else:
+        where = "No checkpoint was written (set save_every to keep some)."
+    tips = [f"a lower learning rate (lr={config.lr:g}, this step used {lr:g})",
+            f"a longer warm-up (warmup_ratio={config.warmup_ratio:g})"]
+    tips.append(f"stronger gradient clipping (max_grad_norm={config.max_grad_norm:g})" if config.max_grad_norm
+                else "gradient clipping (max_grad_norm=1.0)")
+    if config.precision == "fp16":
+        tips.append("precision bf16 or fp32 instead of fp16")
+    message = (f"training diverged at step {step} of {config.steps}: {problem}. {where} "
+               f"Try {', '.join(tips[:-1])} or {tips[-1]}.")
+    return TrainingDiverged(message, step=step, loss=value, checkpoint=checkpoint)
+
+
+def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, run_dir: str | Path | None = None,
+          resume: bool = False) -> TrainResult:
+    """Fine-tune ``model`` on ``task`` in place: every parameter with ``requires_grad`` trains.
+
+    Args:
+        model: A model from :func:`peftlab.models.load` (or any transformers model whose forward
+            takes ``input_ids``, ``attention_mask`` and ``labels`` and returns ``.loss``), with
+            an adapter attached or not (full fine-tuning).
+        tokenizer: Its tokenizer.
+        task: A :class:`peftlab.lab.tasks.Task`.
+        config: The settings.
+        run_dir: Folder for checkpoints (``run_dir/checkpoints/step-<N>``); needed for
+            ``save_every`` and ``resume``.
+        resume: Continue from the newest checkpoint in ``run_dir`` (from scratch when there is
+            none). The data-order settings (seed, batch_size, grad_accum, train_examples) must
+            match; other changes apply from the resumed step on, with a warning.
+
+    Returns:
+        The :class:`TrainResult`; the model is left trained, in the train/eval mode it came in.
+
+    Raises:
+        TrainingDiverged: The loss or gradient norm became NaN/inf.
+        ConfigError: Bad settings, nothing to train, or a checkpoint that does not fit.
+    """
+    config.validate()
+    run_path = Path(run_dir) if run_dir is not None else None
+    if run_path is None and (config.save_every or resume):
+        raise ConfigError("save_every and resume need a run_dir to keep checkpoints in; pass run_dir=...")
+    device = _device(model)
+    _check_precision(config.precision, device)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ConfigError("nothing to train: every parameter of the model is frozen; attach a method "
+                          "(peftlab.attach) or unfreeze the model for full fine-tuning")
+    _seed_everything(config.seed)
+    train_set = subset(task.examples("train"), config.train_examples, config.seed)
+    if not train_set:
+        raise ConfigError(f"task {task.name!r} has no training examples")
+    val_set = subset(task.examples("validation"), config.eval_examples, 0)
+
+    optimizer = _make_optimizer(model, named, config)
+    factor = _schedule(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    state = _State()
+    start = latest_checkpoint(run_path) if resume and run_path is not None else None
+    if start is not None:
+        state, old = _load_checkpoint(start, named, optimizer, scheduler, scaler, device)
+        changed = _reconcile(old, config, start)
+        if changed:
+            warnings.warn(f"resuming from {start} with changed {', '.join(changed)}: training goes on from step "
+                          f"{state.step} with the new values, so it is not identical to an uninterrupted run",
+                          stacklevel=2)
+            if old.lr != config.lr:
+                scheduler.base_lrs = [b * config.lr / old.lr for b in scheduler.base_lrs]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["initial_lr"] = base
+                group["lr"] = base * factor(state.step)
+                if group.get("weight_decay"):
+                    group["weight_decay"] = config.weight_decay
+    elif resume and config.progress:
+        print(f"peftlab: no checkpoint in {run_path}; starting from step 0", file=sys.stderr)
+    order = _DataOrder(len(train_set), config.seed, state.epoch, state.position)
+    params = list(named.values())
+    clip = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    bar = tqdm(total=config.steps, initial=state.step, disable=not config.progress, desc=f"{task.name}",
+               unit="step", dynamic_ncols=True)
+
+    def evaluate_now() -> None:
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _autocast(config.precision, device):
+            scores = task.evaluate(model, tokenizer, val_set, batch_size=config.batch_size,
+                                   max_length=config.max_length)
+        model.train()
+        train_loss = sum(state.since_eval) / len(state.since_eval) if state.since_eval else math.nan
+        record = {"step": state.step, "train_loss": train_loss, **{f"val_{k}": float(v) for k, v in scores.items()}}
+        state.evals.append(record)
+        record["overfitting"] = _overfitting(state.evals)
+        state.since_eval = []
+        if config.progress:
+            bar.write(_describe(record, config.steps))
+            if record["overfitting"]:
+                bar.write(_overfit_line(state.evals))
+
+    try:
+        model.train()
+        with _gradient_checkpointing(model, config.gradient_checkpointing):
+            while state.step < config.steps:
+                began = time.perf_counter()
+                step_loss, step_tokens = 0.0, 0
+                lr = float(optimizer.param_groups[0]["lr"])
+                for _ in range(config.grad_accum):
+                    batch = task.collate(tokenizer, [train_set[i] for i in order.take(config.batch_size)],
+                                         config.max_length)
+                    step_tokens += int(batch["attention_mask"].sum())
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with _autocast(config.precision, device):
+                        loss = model(**batch).loss
+                    if loss is None:
+                        raise ConfigError(f"{type(model).__name__} returned no loss for a batch with labels; "
+                                          "use a model with a task head (...ForSequenceClassification, ...ForCausalLM)")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise _diverged(f"the loss is {value}", value, state.step + 1, config, run_path, lr)
+                    loss = loss.float() / config.grad_accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_loss += value / config.grad_accum
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                if scaler is None and not math.isfinite(norm):
+                    raise _diverged(f"the gradient norm is {norm}", norm, state.step + 1, config, run_path, lr)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - began
+                state.step += 1
+                state.epoch, state.position = order.epoch, order.position
+                state.tokens += step_tokens
+                state.seconds += seconds
+                state.history.append({"step": state.step, "loss": step_loss, "lr": lr, "tokens": step_tokens,
+                                      "seconds": seconds})
+                state.since_eval.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}",
+                                refresh=False)
+                last = state.step == config.steps
+                save = run_path is not None and config.save_every and (last or state.step % config.save_every == 0)
+                if last or save:  # never evaluate or checkpoint parameters that hold NaN/inf
+                    bad = [n for n, p in named.items() if not bool(torch.isfinite(p).all())]
+                    if bad:
+                        raise _diverged(f"{len(bad)} trainable tensor(s) hold NaN/inf after it (e.g. {bad[0]})",
+                                        math.nan, state.step, config, run_path, lr)
+                if val_set and (last or (config.eval_every and state.step % config.eval_every == 0)):
+                    evaluate_now()
+                if save:
+                    _save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device)
+            if val_set and (not state.evals or state.evals[-1]["step"] != state.step):
+                evaluate_now()  # a resumed run that had already reached `steps`
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    final = {k[4:]: v for k, v in state.evals[-1].items() if k.startswith("val_")} if state.evals else {}
+    overfitting = _overfitting(state.evals)
+    return TrainResult(steps=state.step, seconds=state.seconds, tokens=state.tokens,
+                       tokens_per_second=state.tokens / state.seconds if state.seconds else 0.0,
+                       seconds_per_step=state.seconds / state.step if state.step else 0.0,
+                       history=state.history, evals=state.evals, final=final, overfitting=overfitting)
