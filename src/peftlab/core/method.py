@@ -103,6 +103,10 @@ class Method:
     """Whether several adapters of this method can live on one model at once."""
     suggested_lr: ClassVar[float] = 1e-3
     """A learning rate that works for short runs; the lab's default for this method."""
+    typical_score: ClassVar[float | None] = None
+    """Task score relative to full fine-tuning that the method's paper reports (``peftlab
+    recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
+    typical_score_source: ClassVar[str] = ""
 
     # ----------------------------------------------------------------------------- life cycle
     def attach(self, model: nn.Module, name: str) -> None:
