@@ -328,7 +328,7 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
     env = _environment()
     meta_model = _meta_model(model_name, task)
     print(f"bench: {model_name} on {task.name}, profile {config.profile}, methods "
-          f"{', '.join(f'{m}' + (' (+peft)' if i == 'peft' else '') for m, i in plan if i == 'peftlab' or True)}"
+          f"{', '.join(m + (' (+ peft)' if (m, 'peft') in plan else '') for m, i in plan if i == 'peftlab')}"
           f"; results in {run_dir}")
     for m, why in skipped.items():
         print(f"  skipped {m}: {why}")
