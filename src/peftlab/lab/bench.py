@@ -281,10 +281,17 @@ def _spawn(mode: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "peftlab.lab.bench", "--worker", mode, str(spec_path), str(out_path)]
-    proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not out_path.exists():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"{spec['method']} ({spec['impl']}) {mode} failed:\n{tail}")
+    # The worker's stderr (its progress bar) streams through to ours; its tail is kept for errors.
+    proc = subprocess.Popen(cmd, stdout=None, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    tail = b""
+    while chunk := proc.stderr.read1(4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+        tail = (tail + chunk)[-8192:]
+    if proc.wait() != 0 or not out_path.exists():
+        lines = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
+        raise RuntimeError(f"{spec['method']} ({spec['impl']}) {mode} failed:\n" + "\n".join(lines))
     return json.loads(out_path.read_text())
 
 
