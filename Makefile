@@ -24,8 +24,9 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# --resume: a second `make bench` continues (or just re-reports) the same run instead of refusing.
 bench: setup
-	$(PY) -m peftlab.cli bench
+	$(PY) -m peftlab.cli bench --resume $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
