@@ -171,7 +171,7 @@ def count(source: ModelSource, method: str | Any, options: dict[str, Any] | None
         name, method_obj = FULL, None
     else:
         name, method_obj = str(method), get_method(str(method), **options)
-    key = (source, name, method_obj.to_json() if method_obj is not None else "", str(dtype))
+    key = (source, name, type(method_obj), method_obj.to_json() if method_obj is not None else "", str(dtype))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
