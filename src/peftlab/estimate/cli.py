@@ -89,16 +89,17 @@ def run(args: argparse.Namespace) -> int:
     stray = sorted(set(options) - set(methods))
     if stray:
         raise ConfigError(f"--options names {stray}, which are not among the methods {methods}")
+    core.check_settings(args.batch, args.seq, **settings)  # a bad setting is an error, not "n/a" per method
     source = arch.resolve(args.model, args.head)
     estimates, errors = [], {}
     for method in methods:
         try:
             estimates.append(core.estimate(source, method, options.get(method), batch=args.batch, seq=args.seq,
                                            **settings))
-        except ConfigError as e:
-            if method == core.FULL or len(methods) == 1:
-                raise  # a bad setting, not a method that does not apply to this model
+        except ConfigError as e:  # the method does not apply to this model or setting (e.g. BitFit on Llama)
             errors[method] = str(e)
+    if not estimates:
+        raise ConfigError("; ".join(errors.values()))
     fits = None
     if args.budget:
         fits = core.fit(args.budget, source, [m for m in methods if m not in errors], options, batch=args.batch,

@@ -281,6 +281,14 @@ def _settings(batch: int, seq: int, dtype: str | torch.dtype, mixed_precision: b
             "galore_rank": galore_rank}
 
 
+def check_settings(batch: int, seq: int, **settings: Any) -> dict[str, Any]:
+    """Validate :func:`estimate`'s settings without a model (each error names the fix)."""
+    unknown = set(settings) - set(_SETTING_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(_SETTING_NAMES)}")
+    return _settings(batch, seq, **{**_DEFAULTS, **settings})
+
+
 def _name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
