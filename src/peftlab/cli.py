@@ -55,6 +55,7 @@ def _prepare(args: argparse.Namespace) -> int:
 PLUGGED: dict[str, tuple[str, str]] = {
     "peftlab.lab.bench_cli": ("bench", "train every applicable method side by side and write a report"),
     "peftlab.lab.train_cli": ("train", "fine-tune a model on a task with a method"),
+    "peftlab.estimate.cli": ("estimate", "memory per device to fine-tune or serve a model, per method"),
 }
 
 

@@ -108,6 +108,20 @@ class Method:
     recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
     typical_score_source: ClassVar[str] = ""
 
+    # ----------------------------------------------------------------------------- sizing
+    def extra_sequence_tokens(self) -> int:
+        """Positions the method adds to every input sequence (prompt tuning's virtual tokens).
+
+        Default 0. Shared code that sizes a forward pass (``peftlab.estimate``) lengthens the
+        sequence of every layer by this many tokens, so activations grow with it.
+        """
+        return 0
+
+    def extra_key_tokens(self) -> int:
+        """Key/value positions the method adds to every attention layer without adding queries
+        (prefix tuning's prefixes). Default 0; ``peftlab.estimate`` lengthens the keys by this."""
+        return 0
+
     # ----------------------------------------------------------------------------- life cycle
     def attach(self, model: nn.Module, name: str) -> None:
         """Add adapter ``name`` to ``model`` in place. Shared code has already frozen the base,
