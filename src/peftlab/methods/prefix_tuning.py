@@ -188,17 +188,24 @@ class PrefixEncoder(nn.Module):
 
 
 class _Current:
-    """The prefixes computed once per model call (one MLP pass, shared by every layer)."""
+    """The prefixes of the latest model call: computed once per call (one MLP pass shared by every
+    layer) and reused by attention calls outside a model call (an encoder run on its own by
+    ``generate()``, layers recomputed by gradient checkpointing) while the parameters are unchanged."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.value: torch.Tensor | None = None
+        self.versions: tuple[int, ...] = ()
 
-    def clear(self, module: nn.Module, output: Any, context: Any) -> Any:
-        """After the model call: forget the prefixes computed for it (a later recomputation, e.g.
-        by gradient checkpointing, recomputes them from the parameters)."""
-        self.value = None
-        return None
+    def compute(self, module: nn.Module) -> torch.Tensor:
+        self.value = module.prompt()
+        self.versions = tuple(p._version for p in module.parameters())
+        return self.value
+
+    def get(self, module: nn.Module) -> torch.Tensor:
+        if self.value is None or self.versions != tuple(p._version for p in module.parameters()):
+            return self.compute(module)
+        return self.value
 
 
 @register("prefix_tuning")
@@ -254,9 +261,9 @@ class PrefixTuning(Method):
             inputs.install(model, name, model.get_submodule(site.path), self._site_pre(model, name, i, current))
         if layout.kind == "seq2seq":
             inputs.install(model, name, model.get_encoder(), self._encoder_pre())
-            inputs.install(model, name, model, self._seq2seq_pre(model, name, layout, current), current.clear)
+            inputs.install(model, name, model, self._seq2seq_pre(model, name, layout, current))
         else:
-            inputs.install(model, name, model, self._model_pre(model, name, layout, current), current.clear)
+            inputs.install(model, name, model, self._model_pre(model, name, layout, current))
 
     @torch.no_grad()
     def _initialise(self, model: nn.Module, layout: Layout, module: PrefixEncoder, emb: torch.Tensor) -> None:
@@ -318,7 +325,7 @@ class PrefixTuning(Method):
     def _kv(self, model: nn.Module, name: str, current: _Current, index: int, batch: int,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value prefix of site ``index``: ``(batch, kv_heads, N, head_dim)`` each."""
-        flat = current.value if current.value is not None else inputs.get_module(model, name).prompt()
+        flat = current.get(inputs.get_module(model, name))
         layout = current.layout
         n = self.num_virtual_tokens
         kv = flat.view(n, len(layout.sites) * 2, layout.kv_heads, layout.head_dim)
@@ -337,7 +344,7 @@ class PrefixTuning(Method):
         return pre
 
     def _start(self, model: nn.Module, name: str, layout: Layout, current: _Current) -> None:
-        current.value = inputs.get_module(model, name).prompt()
+        current.compute(inputs.get_module(model, name))
 
     def _fill(self, model: nn.Module, name: str, current: _Current, layout: Layout, cache: Any, group: str,
               batch: int, dtype: torch.dtype) -> None:
