@@ -323,3 +323,73 @@ def test_unknown_key_value_layout_lists_supported_ones():
     assert "llama" in str(e.value) and "LAYOUTS[model_type]" in str(e.value)
     assert peftlab.adapters(model) == {}
     assert "opt" not in LAYOUTS
+
+
+# ----------------------------------------------------------------------------- embedded models
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_smollm2_generate_padding_and_training(method, tmp_path):
+    from peftlab import models
+
+    model, tok = models.load("smollm2-135m", seed=0)
+    opts = {"init": "text", "init_text": "Answer briefly and politely.", "tokenizer_name_or_path": "smollm2-135m"} \
+        if method == "prompt_tuning" else {}
+    peftlab.attach(model, method, num_virtual_tokens=8, **opts)
+    assert peftlab.summary(model).percent < 1
+    tok.padding_side = "left"
+    x = tok(["The capital of France is", "Hi"], padding=True, return_tensors="pt")
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    got = model.generate(**x, **kw)
+    single = model.generate(**tok(["Hi"], return_tensors="pt"), **kw)
+    assert torch.equal(got[1, -5:], single[0, -5:])
+    seq = x["input_ids"][:1]
+    for _ in range(5):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got[0, -5:], seq[0, -5:])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=peftlab.method_class(method).suggested_lr)
+    y = tok(["The capital of France is Paris."], return_tensors="pt")
+    losses = []
+    for _ in range(4):
+        loss = model(**y, labels=y["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_minilm_classifier_trains_and_round_trips(method, tmp_path):
+    from peftlab import models
+
+    model, tok = models.load("minilm", num_labels=3, seed=0)
+    peftlab.attach(model, method, modules_to_save=["classifier"])
+    tok.padding_side = "right"
+    x = tok(["I love driverless cars", "never getting in one of those", "cars exist"], padding=True,
+            return_tensors="pt")
+    y = torch.tensor([2, 0, 1])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=peftlab.method_class(method).suggested_lr)
+    losses = []
+    for _ in range(6):
+        loss = model(**x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        batch = model(**x).logits
+        one = model(**tok(["cars exist"], return_tensors="pt")).logits
+    torch.testing.assert_close(batch[2:], one, atol=1e-4, rtol=1e-4)
+    peftlab.save(model, tmp_path)
+    fresh, _ = models.load("minilm", num_labels=3, seed=0)
+    peftlab.load(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**x).logits, batch, atol=1e-5, rtol=1e-5)
