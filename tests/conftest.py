@@ -27,6 +27,24 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-bert": {"target_modules": ["query", "intermediate.dense"], "modules_to_save": ["classifier"]},
         "tiny-gpt2": {},
     },
+    "prompt_tuning": {
+        "tiny-llama": {"num_virtual_tokens": 4},
+        "tiny-bert": {"num_virtual_tokens": 3, "init": "random", "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"num_virtual_tokens": 4},
+        "tiny-t5": {"num_virtual_tokens": 3},
+    },
+    "p_tuning": {
+        "tiny-llama": {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
+        "tiny-bert": {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8,
+                      "modules_to_save": ["classifier"]},
+        "tiny-t5": {"num_virtual_tokens": 3},
+    },
+    "prefix_tuning": {
+        "tiny-llama": {"num_virtual_tokens": 4},
+        "tiny-bert": {"num_virtual_tokens": 3, "projection": True, "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"num_virtual_tokens": 4, "init": "random"},
+        "tiny-t5": {"num_virtual_tokens": 3},
+    },
 }
 
 
@@ -57,12 +75,26 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
-TINY: dict[str, Callable[..., nn.Module]] = {"tiny-llama": tiny_llama, "tiny-bert": tiny_bert, "tiny-gpt2": tiny_gpt2}
+def tiny_t5(seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
 
 
-def batch(seed: int = 1, size: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
+TINY: dict[str, Callable[..., nn.Module]] = {"tiny-llama": tiny_llama, "tiny-bert": tiny_bert, "tiny-gpt2": tiny_gpt2,
+                                             "tiny-t5": tiny_t5}
+
+
+def batch(seed: int = 1, size: int = 2, length: int = 9, model: str | None = None) -> dict[str, torch.Tensor]:
+    """Random token ids; encoder-decoder models (``model`` 'tiny-t5') also get decoder inputs."""
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1, 128, (size, length), generator=g)}
+    x = {"input_ids": torch.randint(1, 128, (size, length), generator=g)}
+    if model is not None and model.endswith("t5"):
+        x["decoder_input_ids"] = torch.randint(1, 128, (size, 4), generator=g)
+    return x
 
 
 def out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

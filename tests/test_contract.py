@@ -60,7 +60,7 @@ def test_base_keys_unchanged(method, model_name):
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_identity_at_init(method, model_name):
-    x = batch()
+    x = batch(model=model_name)
     base = out(TINY[model_name](0), x)
     model = build(method, model_name)
     if not method_class(method).identity_at_init:
@@ -70,7 +70,7 @@ def test_identity_at_init(method, model_name):
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_disabled_and_detach_give_exact_base(method, model_name):
-    x = batch()
+    x = batch(model=model_name)
     base_model = TINY[model_name](0)
     base = out(base_model, x)
     model = build(method, model_name)
@@ -89,7 +89,7 @@ def test_disabled_and_detach_give_exact_base(method, model_name):
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_save_load_round_trip(method, model_name, tmp_path):
-    x = batch()
+    x = batch(model=model_name)
     model = build(method, model_name)
     perturb(peftlab.adapter_parameters(model, "default"))
     expected = out(model, x)
@@ -98,11 +98,20 @@ def test_save_load_round_trip(method, model_name, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
+    from peftlab.core.state import file_tensors
+
+    table = file_tensors(model, "default")
+    assert set(saved) == set(table)  # adapter tensors only
+    for key, (_, t) in table.items():
+        assert torch.equal(saved[key], t.detach().cpu()), key
     n_adapter = sum(t.numel() for t in peftlab.adapter_parameters(model, "default").values())
-    assert sum(t.numel() for t in saved.values()) == n_adapter  # adapter tensors only
+    if method_class(method).saves_trainable_parameters:
+        assert sum(t.numel() for t in saved.values()) == n_adapter
     fresh = TINY[model_name](0)
     peftlab.load(fresh, tmp_path)
-    torch.testing.assert_close(out(fresh, x), expected, rtol=0, atol=0)
+    # a derived form (an encoder's output) may round differently from the encoder run inside the model
+    tol = 0 if method_class(method).saves_trainable_parameters else 1e-6
+    torch.testing.assert_close(out(fresh, x), expected, rtol=tol, atol=tol)
     assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference by default
     fresh2 = TINY[model_name](0)
     peftlab.load(fresh2, tmp_path, trainable=True)
@@ -115,7 +124,7 @@ def test_save_load_round_trip(method, model_name, tmp_path):
 def test_merged_equals_unmerged(method, model_name, dtype):
     if not method_class(method).mergeable:
         pytest.skip(f"{method} is not mergeable")
-    x = batch()
+    x = batch(model=model_name)
     model = build(method, model_name).to(dtype)
     perturb(peftlab.adapter_parameters(model, "default"), scale=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,7 +150,7 @@ def test_one_step_changes_only_adapter(method, model_name):
     perturb(peftlab.adapter_parameters(model, "default"), scale=0.01)  # let every gradient flow
     after_perturb = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = batch()
+    x = batch(model=model_name)
     logits = model(**x).logits
     logits.float().pow(2).mean().backward()
     opt.step()
@@ -182,7 +191,7 @@ def test_config_round_trips_through_json(method, model_name):
 def test_two_named_adapters(method, model_name):
     if not method_class(method).multi_adapter:
         pytest.skip(f"{method} keeps one adapter per model")
-    x = batch()
+    x = batch(model=model_name)
     base = out(TINY[model_name](0), x)
     model = build(method, model_name)
     perturb(peftlab.adapter_parameters(model, "default"), seed=1)

@@ -270,9 +270,9 @@ def test_config_of_a_method_peftlab_does_not_read(tmp_path):
     d = _saved(tmp_path)
     tensors, _ = _read(d)
     _rewrite(d, tensors, {"format": "pt"})
-    (d / CONFIG).write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+    (d / CONFIG).write_text(json.dumps({"peft_type": "CPT", "num_virtual_tokens": 4}))
     msg = _fails(tiny_llama(), d, error=peftlab.PeftlabError)
-    assert "PREFIX_TUNING" in msg
+    assert "CPT" in msg
 
 
 # ----------------------------------------------------------------------------- architecture

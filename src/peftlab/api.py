@@ -146,9 +146,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         slots.swap_out_base(model, s)
     for layer in layers:
         layer.peftlab_disabled = True
+    was_disabled, reg.disabled = reg.disabled, True
     try:
         yield model
     finally:
+        reg.disabled = was_disabled
         for layer in layers:
             layer.peftlab_disabled = False
         for s in swapped:
@@ -215,6 +217,9 @@ def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
 def _remove(model: nn.Module, name: str) -> None:
     reg = registry(model)
     s = reg.adapters[name]
+    for handle in s.hooks:
+        handle.remove()
+    s.hooks.clear()
     for _, layer in list(adapter_layers(model)):
         if name in layer.adapter_names() and (layer.owner_method in ("", s.method.method_name)):
             layer.remove_adapter(name)

@@ -108,6 +108,11 @@ class Method:
     recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
     typical_score_source: ClassVar[str] = ""
 
+    saves_trainable_parameters: ClassVar[bool] = True
+    """Whether the file holds the trainable parameters themselves. False where it holds a form
+    derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,
+    as peft does, so loading needs no encoder)."""
+
     # ----------------------------------------------------------------------------- sizing
     def extra_sequence_tokens(self) -> int:
         """Positions the method adds to every input sequence (prompt tuning's virtual tokens).
@@ -177,6 +182,17 @@ class Method:
                 out[FILE_PREFIX + (f"{path}.{file_key}" if path else file_key)] = (
                     f"{path}.{key}" if path else key, t)
         return out
+
+    def load_file_tensors(self, model: nn.Module, name: str,
+                          values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put loaded values into adapter ``name``: ``{file key: (tensor from file_tensors, value)}``.
+
+        The default copies each value into its tensor. Methods whose files hold a derived form
+        (see ``saves_trainable_parameters``) override this to switch the adapter to that form.
+        """
+        with torch.no_grad():
+            for target, value in values.values():
+                target.copy_(value.to(dtype=target.dtype))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         """File key of a base tensor this adapter trains in place (``state_dict`` key ``key``)."""

@@ -17,6 +17,7 @@ import copy
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ class Slot:
     """``state_dict`` keys of base tensors this adapter trains in place."""
     own: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """This adapter's values of ``base_keys`` while they are not in the model (None while they are)."""
+    hooks: list[Any] = field(default_factory=list, repr=False)
+    """Removable hook handles the adapter installed (input-side methods, see ``core.inputs``);
+    removed when the adapter is removed."""
 
     @property
     def in_model(self) -> bool:
@@ -49,6 +53,8 @@ class Registry:
     active: list[str] = field(default_factory=list)
     originals: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
     """Base values of tensors that adapters train in place (None: no copy kept)."""
+    disabled: bool = False
+    """True inside ``peftlab.disabled``: hooks installed by adapters must then pass inputs through."""
 
 
 def registry(model: nn.Module, create: bool = False) -> Registry:

@@ -202,12 +202,10 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAUL
                                          ("mis-shaped keys", misshaped)) if keys]
             raise AdapterFileError(f"{directory} does not match the adapter built from its config on "
                                    f"{type(model).__name__}: " + "; ".join(parts))
-        with torch.no_grad():
-            for key, (_, t) in table.items():
-                if t.device.type == "meta":
-                    raise AdapterFileError("cannot load values into a model on the meta device; "
-                                           "materialise it first (e.g. model.to_empty(device='cpu'))")
-                t.copy_(tensors[by_canon[key]].to(dtype=t.dtype))
+        if any(t.device.type == "meta" for _, t in table.values()):
+            raise AdapterFileError("cannot load values into a model on the meta device; "
+                                   "materialise it first (e.g. model.to_empty(device='cpu'))")
+        method.load_file_tensors(model, name, {key: (t, tensors[by_canon[key]]) for key, (_, t) in table.items()})
     except BaseException:
         detach(model, name)
         for p, flag in grads:
