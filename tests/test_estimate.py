@@ -311,3 +311,20 @@ def test_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "batch must be a positive integer" in capsys.readouterr().err
     assert main(["estimate", "gpt2", "--methods", "lorax"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_registered_prompt_methods_declare_their_tokens() -> None:
+    """The prompt methods' own declarations reach the estimate: prompt tuning lengthens every
+    sequence, prefix tuning only the keys (its activations grow less than prompt tuning's)."""
+    from peftlab.methods.prefix_tuning import PrefixTuning
+    from peftlab.methods.prompt_tuning import PromptTuning
+
+    assert PromptTuning(num_virtual_tokens=12).extra_sequence_tokens() == 12
+    assert PrefixTuning(num_virtual_tokens=12).extra_key_tokens() == 12
+    assert PrefixTuning(num_virtual_tokens=12).extra_sequence_tokens() == 0
+    src = resolve("gpt2")
+    plain = estimate(src, "full", batch=2, seq=100, attention="math").activations
+    prompt = estimate(src, "prompt_tuning", {"num_virtual_tokens": 12}, batch=2, seq=100, attention="math")
+    prefix = estimate(src, "prefix_tuning", {"num_virtual_tokens": 12}, batch=2, seq=100, attention="math")
+    assert prompt.activations > prefix.activations > 0
+    assert estimate(src, "full", batch=2, seq=112, attention="math").activations > plain

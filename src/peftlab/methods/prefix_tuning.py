@@ -231,6 +231,9 @@ class PrefixTuning(Method):
     saves_trainable_parameters: ClassVar[bool] = False
     suggested_lr: ClassVar[float] = 1e-2
 
+    def extra_key_tokens(self) -> int:
+        return self.num_virtual_tokens
+
     def __post_init__(self) -> None:
         n = self.num_virtual_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:

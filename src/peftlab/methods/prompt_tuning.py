@@ -82,6 +82,9 @@ class PromptTuning(Method):
     mergeable: ClassVar[bool] = False
     suggested_lr: ClassVar[float] = 3e-2
 
+    def extra_sequence_tokens(self) -> int:
+        return self.num_virtual_tokens
+
     def __post_init__(self) -> None:
         n = self.num_virtual_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
