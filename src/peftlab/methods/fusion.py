@@ -166,6 +166,9 @@ def fuse(model: nn.Module, adapters: Sequence[str], name: str = "fusion", *, tra
     method = Fusion(adapters={n: {"method": present[n].method_name, **present[n].options()} for n in adapters},
                     train_adapters=train_adapters, modules_to_save=tuple(modules_to_save))
     api.attach(model, method, name, activate=activate)
+    for n in adapters:  # stage 2: the trained adapters stay as they are
+        for p in api.adapter_parameters(model, n).values():
+            p.requires_grad_(False)
     with torch.no_grad():
         for _, layer in bottleneck_layers(model):
             if name in layer.adapters:
