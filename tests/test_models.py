@@ -214,6 +214,16 @@ def test_minilm_classifier_is_reproducible() -> None:
     assert models.prepare("minilm") == models._minilm_dir()
 
 
+@needs_minilm
+def test_minilm_on_meta_device_has_the_real_architecture() -> None:
+    real, _ = models.load("minilm", with_tokenizer=False)
+    with torch.device("meta"):
+        meta, _ = models.load("minilm", with_tokenizer=False)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in real.state_dict().items()}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()} == shapes
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
 # --------------------------------------------------------------------------- smollm2 cache
 
 

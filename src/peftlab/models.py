@@ -302,15 +302,25 @@ def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any | None) -> None:
 # --------------------------------------------------------------------------- loaders
 
 
+def _building_on_meta() -> bool:
+    """Inside ``with torch.device("meta")``: build the architecture from its config, load no weights
+    (how the bench and the estimator attach methods to real models without allocating them)."""
+    return torch.empty(()).device.type == "meta"
+
+
 def _load_minilm(
     *, num_labels: int, dtype: torch.dtype, seed: int, with_tokenizer: bool
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
     tf = _transformers()
     path = _minilm_dir()
     with _quiet_transformers(), _seeded(seed):
-        model = tf.BertForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, local_files_only=True
-        )
+        if _building_on_meta():
+            config = tf.AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+            model = tf.BertForSequenceClassification._from_config(config, dtype=dtype)
+        else:
+            model = tf.BertForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype, local_files_only=True
+            )
     return model, _minilm_tokenizer() if with_tokenizer else None
 
 
@@ -321,7 +331,11 @@ def _load_smollm2(
     tf = _transformers()
     cache = _ensure_smollm2_cache()
     with _quiet_transformers(), _seeded(seed):
-        model = tf.AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+        if _building_on_meta():
+            config = tf.AutoConfig.from_pretrained(cache, local_files_only=True)
+            model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = tf.AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
     tokenizer = (
         tf.AutoTokenizer.from_pretrained(cache, local_files_only=True) if with_tokenizer else None
     )

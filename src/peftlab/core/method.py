@@ -107,6 +107,10 @@ class Method:
     """The ``owner_method`` tag of the adapted layers this method's adapters live in; empty means
     ``method_name``. Methods that share one layer type (e.g. the bottleneck-adapter family, so that
     their adapters can sit on the same module) share a tag."""
+    typical_score: ClassVar[float | None] = None
+    """Task score relative to full fine-tuning that the method's paper reports (``peftlab
+    recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
+    typical_score_source: ClassVar[str] = ""
 
     # ----------------------------------------------------------------------------- life cycle
     def attach(self, model: nn.Module, name: str) -> None:

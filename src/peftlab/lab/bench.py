@@ -149,6 +149,7 @@ def _prepare(spec: dict[str, Any]):
     task = get_task(spec["task"], spec.get("data"))
     torch.manual_seed(spec["seed"])
     model, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
+    base_params = sum(t.numel() for t in model.parameters())
     method, impl = spec["method"], spec["impl"]
     options = spec["options"]
     if method != FULL and impl == "peftlab":
@@ -162,7 +163,7 @@ def _prepare(spec: dict[str, Any]):
         config = peftlab.adapters(scratch)["default"].to_config(scratch, "default")
         config = {k: v for k, v in config.items() if k not in ("inference_mode",)}
         model = peft.get_peft_model(model, peft.get_peft_config(config))
-    return task, model, tok
+    return task, model, tok, base_params
 
 
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -170,22 +171,20 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import peftlab
-    from peftlab.lab.trainer import TrainConfig, train
+    from peftlab.lab.trainer import TrainConfig, subset, train
 
     p = Profile(**{**spec["profile"], "seeds": tuple(spec["profile"]["seeds"])})
-    task, model, tok = _prepare(spec)
+    task, model, tok, base = _prepare(spec)
     if spec["method"] == FULL:
         for param in model.parameters():
             param.requires_grad_(True)
-    base = sum(t.numel() for t in model.parameters())
     if spec["method"] != FULL and spec["impl"] == "peftlab":
         s = peftlab.summary(model)
         trainable, base = s.trainable, s.base
     else:
         trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
         if spec["impl"] == "peft":
-            base = sum(t.numel() for n, t in model.named_parameters() if "lora_" not in n
-                       and "modules_to_save" not in n)
+            trainable, _ = model.get_nb_trainable_parameters()
     rss_before = _rss_bytes()
     cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=spec["lr"], eval_every=p.eval_every,
                       eval_examples=p.eval_examples, max_length=p.max_length, seed=spec["seed"],
@@ -194,7 +193,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(spec["out_dir"])
     result = train(model, tok, task, cfg, run_dir=out_dir / "train", resume=spec.get("resume", False))
     rss_train = _rss_bytes()
-    test = task.examples("test")[: p.test_examples] if p.test_examples else task.examples("test")
+    test = subset(task.examples("test"), p.test_examples, 0)  # the same fair sample for every run
     metrics = task.evaluate(model, tok, test, batch_size=max(p.batch_size, 16), max_length=p.max_length)
     ckpt = out_dir / "adapter"
     if ckpt.exists():
@@ -329,7 +328,7 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
     env = _environment()
     meta_model = _meta_model(model_name, task)
     print(f"bench: {model_name} on {task.name}, profile {config.profile}, methods "
-          f"{', '.join(f'{m}' + (' (+peft)' if i == 'peft' else '') for m, i in plan if i == 'peftlab' or True)}"
+          f"{', '.join(m + (' (+ peft)' if (m, 'peft') in plan else '') for m, i in plan if i == 'peftlab')}"
           f"; results in {run_dir}")
     for m, why in skipped.items():
         print(f"  skipped {m}: {why}")

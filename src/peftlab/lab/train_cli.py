@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.errors import ConfigError
+from peftlab.lab.bench import head_modules, learning_rate
 from peftlab.lab.tasks import get_task, task_names
 from peftlab.lab.trainer import PRECISIONS, SCHEDULES, TrainConfig, train
 
@@ -32,7 +33,6 @@ FULL = "full"
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 _OWNED = ("checkpoints", "adapter", "model", RUN_FILE, RESULT_FILE)  # what --overwrite may delete
-_HEADS = ("classifier", "score")  # classification heads of BERT-like and Llama-like models
 
 _HELP = {
     "steps": "optimizer steps in total",
@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         kw: dict[str, Any] = {"default": f.default, "help": f"{_HELP.get(f.name, '')} (default: {f.default})"}
+        if f.name == "lr":  # resolved per method in run(): soft prompts and full fine-tuning differ by 1000x
+            kw = {"default": None, "help": "peak learning rate (default: the method's suggested_lr; full: "
+                                           "5e-05)"}
         if kind is bool:
             how.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "schedule":
@@ -174,12 +177,15 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.task, args.data)
     model_name = args.model or task.default_model
     _model_kind_check(task, model_name)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.method != FULL:
+        peftlab.method_class(args.method)  # an unknown method fails here, before any loading
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["lr"] is None:
+        values["lr"] = learning_rate(args.method)
+    config = TrainConfig(**values)
     options = parse_options(args.opt)
     if args.method == FULL and options:
         raise ConfigError(f"--method {FULL} takes no --opt (got {sorted(options)})")
-    if args.method != FULL:
-        peftlab.method_class(args.method)  # an unknown method fails here, before any loading
     run_dir = Path(args.run_dir or f"runs/{task.name}-{model_name}-{args.method}")
     record = {"task": task.name, "data": str(Path(args.data).resolve()) if args.data else None, "model": model_name,
               "method": args.method, "options": dict(options)}
@@ -193,12 +199,11 @@ def run(args: argparse.Namespace) -> int:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        if task.kind == "classification" and "modules_to_save" not in options:
-            children = dict(model.named_children())
-            head = next((h for h in _HEADS if h in children), None)
-            if head is not None:
-                options["modules_to_save"] = [head]
-                print(f"peftlab: training the new classification head {head!r} in full (modules_to_save)")
+        if "modules_to_save" not in options:
+            heads = head_modules(model, task)
+            if heads:
+                options["modules_to_save"] = heads
+                print(f"peftlab: training the new classification head {heads[0]!r} in full (modules_to_save)")
         torch.manual_seed(config.seed)  # adapter initialisation
         peftlab.attach(model, args.method, **options)
     _start_run_dir(run_dir, record, clear=used and args.overwrite)

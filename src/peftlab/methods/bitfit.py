@@ -36,6 +36,9 @@ class BitFit(Method):
     subset for BERT is ('query', 'intermediate.dense')."""
 
     mergeable: ClassVar[bool] = True  # the update already lives in the base biases
+    typical_score: ClassVar[float | None] = 0.99
+    typical_score_source: ClassVar[str] = ("Ben Zaken et al. 2022 (BitFit), Table 1: BERT-large on GLUE within "
+                                           "about one point of full fine-tuning")
 
     def attach(self, model: nn.Module, name: str) -> None:
         paths = None
