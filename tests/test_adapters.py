@@ -185,7 +185,7 @@ def _three_tasks(factory, **kw):
 
 
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("drop", [0, 1])
+@pytest.mark.parametrize("drop", [0, 1, 2])
 def test_parallel_forward_equals_each_task_alone(factory, drop):
     heads = {"modules_to_save": ["classifier"]} if factory is tiny_bert else {}
     model = _three_tasks(factory, parallel=factory is tiny_gpt2, **heads)
@@ -209,7 +209,7 @@ def test_parallel_forward_equals_each_task_alone(factory, drop):
     for got, ref in zip(together, alone):
         torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)
     assert sizes == [3] * drop + [9] * (2 - drop)  # the shared part ran once, the rest per task
-    if factory is tiny_bert:
+    if factory is tiny_bert:  # the task heads differ even where every block is shared
         assert not torch.allclose(alone[0], alone[1])
 
 
@@ -414,3 +414,37 @@ def test_minilm_sizes_identity_and_learning():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_deepcopy_and_pickle_keep_shared_rule(tmp_path):
+    import copy
+
+    x = batch()
+    model = peftlab.attach(tiny_bert(), "compacter", parallel=True)
+    perturb(peftlab.adapter_parameters(model, "default"))
+    expected = out(model, x)
+    twin = copy.deepcopy(model)
+    layers = [m for m in twin.modules() if hasattr(m, "adapters")]
+    assert layers[-1].adapters["default"].shared_rule() is layers[0].adapters["default"].rule
+    torch.testing.assert_close(out(twin, x), expected, rtol=0, atol=0)
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(out(again, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_defaults_identity_and_sizes():
+    from peftlab import models
+
+    base, _ = models.load("smollm2-135m", with_tokenizer=False)
+    x = {"input_ids": torch.randint(10, 1000, (1, 12))}
+    ref = out(base, x)
+    d, n_blocks = 576, 30
+    m = 16  # 576 // 32 = 18, rounded down to a multiple of phm_dim 4
+    expected = {"houlsby": 2 * n_blocks * (2 * d * 36 + 36 + d), "pfeiffer": n_blocks * (2 * d * 36 + 36 + d),
+                "compacter": 2 * n_blocks * ((d + m) + m + (m + d) + d) + 4 ** 3}
+    for method, count in expected.items():
+        model, _ = models.load("smollm2-135m", with_tokenizer=False)
+        peftlab.attach(model, method)
+        assert peftlab.summary(model).trainable == count
+        torch.testing.assert_close(out(model, x), ref, rtol=0, atol=0)

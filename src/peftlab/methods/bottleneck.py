@@ -258,7 +258,7 @@ class BottleneckLayer(AdapterLayer):
         x_in = tap.take() if tap is not None else None
         live = self.live_adapters()
         rows = self.__dict__.get("peftlab_rows")
-        if rows is not None:  # parallel multi-task inference: row chunk i belongs to task rows[i]
+        if rows is not None and live:  # parallel multi-task inference: row chunk i belongs to task rows[i]
             chunks = out.chunk(len(rows))
             x_chunks = x_in.chunk(len(rows)) if x_in is not None else [None] * len(rows)
             return torch.cat([self.adapters[n](c, xc) if n in live else c for n, c, xc in zip(rows, chunks, x_chunks)])
@@ -403,6 +403,10 @@ class AdapterMethod(Method):
 @dataclass(frozen=True)
 class Houlsby(AdapterMethod):
     """Bottleneck adapters after the attention and the feed-forward output of every block."""
+
+    typical_score: ClassVar[float | None] = 0.995
+    typical_score_source: ClassVar[str] = ("Houlsby et al. 2019, abstract and Table 1: BERT-large on the GLUE test "
+                                           "sets, adapters 80.0 vs full fine-tuning 80.4 (3.6% parameters per task)")
 
 
 @register("pfeiffer")

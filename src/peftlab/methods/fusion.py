@@ -254,10 +254,10 @@ def parallel_forward(model: nn.Module, inputs: dict[str, torch.Tensor], names: S
         return _repeat(args, batch, n), {k: _repeat(v, batch, n) for k, v in kwargs.items()}
 
     def per_task_head(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if output.shape[0] != n * batch:
-            return output
+        x = args[0]
+        chunks = x.chunk(n) if x.shape[0] == n * batch else [x] * n  # [x] * n: every block was shared
         parts = []
-        for task, chunk in zip(names, args[0].chunk(n)):
+        for task, chunk in zip(names, chunks):
             copy = module.peftlab_copy[task] if task in module.peftlab_copy else None
             parts.append(copy(chunk) if copy is not None else type(module).base_class.forward(module, chunk))
         return torch.cat(parts)
@@ -274,7 +274,7 @@ def parallel_forward(model: nn.Module, inputs: dict[str, torch.Tensor], names: S
         for layer in layers:
             layer.__dict__.pop("peftlab_rows", None)
         api.use(model, *prev_active)
-    if logits.shape[0] != n * batch:  # no block carries these adapters: every task gives the base output
+    if logits.shape[0] != n * batch:  # no adapter and no head of these tasks ran: all give the base output
         return [logits] * n
     return list(logits.chunk(n))
 
