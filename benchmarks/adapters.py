@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/adapters.py train         # tweet accuracy after a short run
     PYTHONPATH=src python benchmarks/adapters.py drop-latency  # AdapterDrop + parallel multi-task inference
     PYTHONPATH=src python benchmarks/adapters.py drop-score    # accuracy vs dropped blocks (plain vs robust)
-    PYTHONPATH=src python benchmarks/adapters.py fusion        # AdapterFusion: tweets + chat topic
+    PYTHONPATH=src python benchmarks/adapters.py fusion        # AdapterFusion: tweets + chat topic (after train)
 
 Each section prints a table and writes ``runs/adapters/<section>.json``. Latency is the CPU time of
 one thread (median of repeated runs), so that other processes on a shared machine disturb it
@@ -76,10 +76,10 @@ def params() -> None:
     save("params", rows)
 
 
-def train_section() -> None:
+def train_section(methods: tuple[str, ...] = ("houlsby", "pfeiffer", "compacter", "lora")) -> None:
     task = get_task("tweets")
     rows = {}
-    for method in ("houlsby", "pfeiffer", "compacter", "lora"):
+    for method in methods:
         model, tok = models.load("minilm", num_labels=3, seed=0)
         peftlab.attach(model, method, modules_to_save=["classifier"])
         lr = peftlab.method_class(method).suggested_lr
@@ -88,8 +88,9 @@ def train_section() -> None:
         n_head = sum(p.numel() for k, p in peftlab.adapter_parameters(model, "default").items() if "classifier" in k)
         rows[method] = {"trainable_without_head": peftlab.summary(model).trainable - n_head, "lr": lr,
                         "accuracy": accuracy(model, tok, task), "train_s": time.perf_counter() - start}
+        peftlab.save(model, OUT / "tweets" / method)
         print(method, rows[method], flush=True)
-    save("train", rows)
+    save("train-" + "-".join(methods), rows)
 
 
 def drop_latency() -> None:
@@ -110,13 +111,17 @@ def drop_latency() -> None:
     save("drop_latency", rows)
 
 
-def drop_score() -> None:
+def drop_score(method: str = "pfeiffer") -> None:
+    """The adapter trained by ``train`` (plain) against one trained with robust AdapterDrop."""
     task = get_task("tweets")
     rows = {}
     for label, opts in (("plain", {}), ("robust", {"robust_drop": True})):
         model, tok = models.load("minilm", num_labels=3, seed=0)
-        peftlab.attach(model, "houlsby", modules_to_save=["classifier"], **opts)
-        fit(model, tok, task, peftlab.method_class("houlsby").suggested_lr)
+        if label == "plain":
+            peftlab.load(model, OUT / "tweets" / method)
+        else:
+            peftlab.attach(model, method, modules_to_save=["classifier"], **opts)
+            fit(model, tok, task, peftlab.method_class(method).suggested_lr)
         scores = []
         for k in range(7):
             with adapter_drop(model, k):
@@ -149,14 +154,17 @@ def topic_task() -> FileTask:
     return FileTask(path)
 
 
-def fusion() -> None:
+def fusion(method: str = "pfeiffer", steps: int = 150) -> None:
     tasks = {"sentiment": get_task("tweets"), "topic": topic_task()}
-    lr = peftlab.method_class("houlsby").suggested_lr
+    lr = peftlab.method_class(method).suggested_lr
     trained, single = {}, {}
     for name, task in tasks.items():  # stage 1: one adapter per task (ST-A), each with its own head
         model, tok = models.load("minilm", num_labels=task.num_labels, seed=0)
-        peftlab.attach(model, "houlsby", name, modules_to_save=["classifier"])
-        fit(model, tok, task, lr)
+        if name == "sentiment" and (OUT / "tweets" / method).is_dir():  # trained by the train section
+            peftlab.load(model, OUT / "tweets" / method, name)
+        else:
+            peftlab.attach(model, method, name, modules_to_save=["classifier"])
+            fit(model, tok, task, lr, steps=steps)
         single[name] = accuracy(model, tok, task)
         trained[name] = {k: v.detach().clone() for k, v in peftlab.adapter_parameters(model, name).items()
                          if "classifier" not in k}
@@ -165,12 +173,12 @@ def fusion() -> None:
     for name, task in tasks.items():  # stage 2: a fusion (and a new head) per target task
         model, tok = models.load("minilm", num_labels=task.num_labels, seed=0)
         for other, tensors in trained.items():
-            peftlab.attach(model, "houlsby", other)
+            peftlab.attach(model, method, other)
             with torch.no_grad():
                 for k, v in peftlab.adapter_parameters(model, other).items():
                     v.copy_(tensors[k])
         fuse(model, list(trained), modules_to_save=["classifier"])
-        fit(model, tok, task, peftlab.method_class("fusion").suggested_lr, steps=STEPS)
+        fit(model, tok, task, peftlab.method_class("fusion").suggested_lr, steps=steps)
         score = accuracy(model, tok, task)
         weights = fusion_weights(model)
         mean = {n: statistics.mean(w[n] for w in weights.values()) for n in trained}
@@ -180,7 +188,7 @@ def fusion() -> None:
     save("fusion", rows)
 
 
-SECTIONS = {"params": params, "train": train_section, "drop-latency": drop_latency, "drop-score": drop_score,
+SECTIONS = {"params": params, "train": train_section, "train-pc": lambda: train_section(("pfeiffer", "compacter")), "drop-latency": drop_latency, "drop-score": drop_score,
             "fusion": fusion}
 
 if __name__ == "__main__":
