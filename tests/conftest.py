@@ -45,6 +45,29 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-gpt2": {"num_virtual_tokens": 4, "init": "random"},
         "tiny-t5": {"num_virtual_tokens": 3},
     },
+    "houlsby": {
+        "tiny-bert": {"reduction_factor": 4, "modules_to_save": ["classifier"]},
+        "tiny-llama": {"reduction_factor": 4, "parallel": True, "layer_norm": True},
+        "tiny-gpt2": {"reduction_factor": 8, "non_linearity": "gelu"},
+    },
+    "pfeiffer": {
+        "tiny-bert": {"parallel": True, "modules_to_save": ["classifier"]},
+        "tiny-llama": {"drop_first": 1},
+        "tiny-gpt2": {"parallel": True, "scaling": 2.0},
+    },
+    "compacter": {
+        "tiny-bert": {"modules_to_save": ["classifier"]},
+        "tiny-llama": {"placement": ["ffn"], "phm_rank": 2, "robust_drop": True},
+        "tiny-gpt2": {"parallel": True, "phm_dim": 2},
+    },
+    "fusion": {  # train_adapters=True: the members train too, so the file holds exactly what trains
+        "tiny-bert": {"adapters": {"a": {"method": "houlsby", "reduction_factor": 4}, "b": {"method": "compacter"}},
+                      "train_adapters": True, "modules_to_save": ["classifier"]},
+        "tiny-llama": {"adapters": {"a": {"method": "pfeiffer", "parallel": True}, "b": {"method": "pfeiffer"}},
+                       "train_adapters": True},
+        "tiny-gpt2": {"adapters": {"a": {"method": "houlsby"}, "b": {"method": "houlsby", "layer_norm": True}},
+                      "train_adapters": True},
+    },
 }
 
 

@@ -221,7 +221,7 @@ def _remove(model: nn.Module, name: str) -> None:
         handle.remove()
     s.hooks.clear()
     for _, layer in list(adapter_layers(model)):
-        if name in layer.adapter_names() and (layer.owner_method in ("", s.method.method_name)):
+        if name in layer.adapter_names() and (layer.owner_method in ("", s.method.layer_owner or s.method.method_name)):
             layer.remove_adapter(name)
     if s.base_keys and s.in_model and all(reg.originals.get(k) is not None for k in s.base_keys):
         slots.swap_out_base(model, s)

@@ -103,6 +103,10 @@ class Method:
     """Whether several adapters of this method can live on one model at once."""
     suggested_lr: ClassVar[float] = 1e-3
     """A learning rate that works for short runs; the lab's default for this method."""
+    layer_owner: ClassVar[str] = ""
+    """The ``owner_method`` tag of the adapted layers this method's adapters live in; empty means
+    ``method_name``. Methods that share one layer type (e.g. the bottleneck-adapter family, so that
+    their adapters can sit on the same module) share a tag."""
     typical_score: ClassVar[float | None] = None
     """Task score relative to full fine-tuning that the method's paper reports (``peftlab
     recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
@@ -158,8 +162,9 @@ class Method:
     # ----------------------------------------------------------------------------- tensors
     def adapted_layers(self, model: nn.Module, name: str) -> Iterator[tuple[str, AdapterLayer]]:
         """The adapted layers of ``model`` that hold adapter ``name`` of this method."""
+        owner = self.layer_owner or self.method_name
         for path, layer in adapter_layers(model):
-            if layer.owner_method == self.method_name and name in layer.adapter_names():
+            if layer.owner_method == owner and name in layer.adapter_names():
                 yield path, layer
 
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
