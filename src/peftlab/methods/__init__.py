@@ -1,3 +1,4 @@
 """Built-in methods: importing this package registers them (one file per method)."""
 
 from peftlab.methods import bitfit, lora  # noqa: F401
+from peftlab.methods import dylora, flora  # noqa: F401
