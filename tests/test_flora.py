@@ -91,7 +91,7 @@ def test_gpt2_conv1d_weight_layout():
 
     torch.manual_seed(0)
     layer = Conv1D(7, 5)  # nf=7 outputs, nx=5 inputs: weight (5, 7)
-    model = adapted(layer, rank_pattern={"0": [2, 4]})
+    model = adapted(layer, rank_pattern={"0": [2, 4]}, scale=4.0)
     params = peftlab.adapter_parameters(model, "default")
     assert tuple(params["0.flora_core.default"].shape) == (2, 4)
     x = torch.randn(3, 5, generator=g(3))

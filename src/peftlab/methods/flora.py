@@ -161,8 +161,10 @@ class FLoRA(Method):
     """Rank of the two channel/feature modes (out and in)."""
     kernel_r: int | None = None
     """Rank of each spatial mode of a convolution kernel; None: the kernel size (full)."""
-    scale: float = 4.0
-    """The fixed scale s of the update (FLoRA's replacement for alpha / r)."""
+    scale: float = 8.0
+    """The fixed scale s of the update (FLoRA's replacement for alpha / r). With Adam, the output
+    change of the first steps grows like s * r^1.5 / sqrt(d) against LoRA's alpha (zero core,
+    orthonormal factors): s = 8 at r = 8 matches LoRA(r=8, alpha=16) on 384-wide layers."""
     target_modules: tuple[str, ...] = (ALL_LINEAR,)
     """Which modules get FLoRA (see peftlab.core.targets); convolutions need explicit targets."""
     exclude_modules: tuple[str, ...] = ()
