@@ -286,3 +286,36 @@ def test_trainer_samples_a_rank_per_step_and_resumes_exactly(tmp_path, tok, monk
     a, b = peftlab.adapter_parameters(resumed, "default"), peftlab.adapter_parameters(reference, "default")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncate_keeps_the_chosen_rank_only(tmp_path):
+    x = batch()
+    model = dy_llama()
+    dylora.set_rank(model, 3)
+    expected = out(model, x)
+    dylora.truncate(model)
+    method = peftlab.adapters(model)["default"]
+    assert (method.r_max, method.r_min, method.rank) == (3, 1, None)
+    params = peftlab.adapter_parameters(model, "default")
+    assert {tuple(p.shape) for k, p in params.items() if "lora_A" in k} == {(3, 32), (3, 64)}
+    assert all(p.requires_grad for p in params.values())
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].out_features == 3
+    torch.testing.assert_close(out(model, x), expected, rtol=0, atol=0)
+    peftlab.save(model, tmp_path)
+    fresh = tiny_llama()
+    peftlab.load(fresh, tmp_path)
+    torch.testing.assert_close(out(fresh, x), expected, rtol=0, atol=0)
+    peftlab.merge(model)
+    with pytest.raises(AdapterStateError, match="unmerge the model before truncating"):
+        dylora.truncate(model)
+    # every layer kind (embedding, conv, linear)
+    mixed = Mixed()
+    peftlab.attach(mixed, "dylora", r_max=4, target_modules=["emb", "conv", "head"])
+    perturb(peftlab.adapter_parameters(mixed, "default"), scale=0.3)
+    dylora.set_rank(mixed, 2)
+    with torch.no_grad():
+        before = mixed(ids())
+        dylora.truncate(mixed)
+        torch.testing.assert_close(mixed(ids()), before, rtol=0, atol=0)
+    assert mixed.conv.lora_A["default"].weight.shape == (2, 6, 3) and mixed.conv.lora_A["default"].out_channels == 2
+    assert mixed.emb.lora_embedding_B["default"].shape == (6, 2)

@@ -12,7 +12,8 @@ that step (the paper's scheme: lower ranks are already trained and stay put; the
 ``r_min`` slices train together when ``b = r_min``); ``update_all=True`` trains all of the first
 ``b``. After training, :func:`set_rank` picks the rank used for evaluation, merging and saving;
 the saved config records it (``rank``), and the file keeps all ``r_max`` slices, so a loaded
-adapter can still move to another rank.
+adapter can still move to another rank; :func:`truncate` drops the slices beyond the chosen rank
+for a smaller file.
 
 The gradient is what is masked: with a momentum optimizer (AdamW) a slice that trained at an
 earlier step keeps moving by its optimizer moments for a while, as in the authors' code.
@@ -40,13 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core import slots
-from peftlab.core.errors import ConfigError
+from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
 from peftlab.core.targets import ALL_LINEAR, select
 from peftlab.methods.lora import LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, layer_kind
 
-__all__ = ["DyLoRA", "begin_step", "set_rank"]
+__all__ = ["DyLoRA", "begin_step", "set_rank", "truncate"]
 
 
 @dataclass
@@ -103,6 +104,25 @@ class DyLoRALayer(LoRALayer):
     def merge_rank(self, name: str) -> tuple[int, float]:
         st = self.peftlab_dyrank[name]
         return st.rank, st.alpha / st.rank
+
+    @torch.no_grad()
+    def truncate(self, name: str) -> None:
+        """Keep only the first ``rank`` slices of adapter ``name`` (r_max becomes rank)."""
+        st = self.peftlab_dyrank[name]
+        b = st.rank
+        for key, p in self.adapter_parameters(name).items():
+            a_side = key.split(".", 1)[0] in ("lora_A", "lora_embedding_A")
+            kept = nn.Parameter((p[:b] if a_side else p[:, :b]).clone(), requires_grad=p.requires_grad)
+            owner_path, _, attr = key.rpartition(".")
+            owner = self.get_submodule(owner_path)
+            if isinstance(owner, nn.ParameterDict):
+                owner[attr] = kept
+            else:
+                setattr(owner, attr, kept)
+                for size in ("out_features", "out_channels") if a_side else ("in_features", "in_channels"):
+                    if hasattr(owner, size):
+                        setattr(owner, size, b)
+        st.r_max, st.r_min = b, min(st.r_min, b)
 
 
 class DyLoRALinearLayer(DyLoRALayer, LoRALinearLayer):
@@ -259,6 +279,20 @@ def set_rank(model: nn.Module, rank: int, name: str = "default") -> None:
     slots.slot(model, name).method = new
     for layer in merged:
         layer.merge_adapter(name)
+
+
+def truncate(model: nn.Module, name: str = "default") -> None:
+    """Drop the slices of DyLoRA adapter ``name`` beyond its chosen rank, for good: ``r_max``
+    becomes that rank, so the saved file is a rank-``rank`` adapter (smaller) and higher ranks
+    are gone. Parameters are replaced: build a new optimizer before training further."""
+    method = _dylora(model, name)
+    b = method.eval_rank
+    layers = [layer for _, layer in method.adapted_layers(model, name)]
+    if any(name in getattr(layer, "peftlab_merged", ()) for layer in layers):
+        raise AdapterStateError(f"adapter {name!r} is merged; peftlab.unmerge the model before truncating it")
+    for layer in layers:
+        layer.truncate(name)  # type: ignore[attr-defined]
+    slots.slot(model, name).method = dataclasses.replace(method, r_max=b, r_min=min(method.r_min, b), rank=None)
 
 
 def _dylora(model: nn.Module, name: str) -> DyLoRA:
