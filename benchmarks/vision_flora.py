@@ -11,7 +11,7 @@ Needs the Debian/Ubuntu package ``dataset-fashion-mnist`` (``sudo apt-get instal
 dataset-fashion-mnist`` or ``make fashion-mnist``).
 
 Usage:
-    python benchmarks/vision_flora.py                      # about 1,000 small steps in all
+    python benchmarks/vision_flora.py                      # 300 + 4 x 120 small steps
     python benchmarks/vision_flora.py --adapt-steps 50 --pretrain-steps 100   # quicker
     python benchmarks/vision_flora.py --out benchmarks/results/vision_flora.json
 """

@@ -17,7 +17,7 @@ experiment, all on CPU in well under a minute per method:
 
 Example:
     >>> from peftlab.lab import vision
-    >>> results = vision.run(vision.VisionConfig(adapt_steps=200))
+    >>> pretrained, results = vision.run(vision.VisionConfig(adapt_steps=120))
     >>> print(vision.table(results))
 """
 
@@ -167,8 +167,8 @@ class VisionConfig:
     pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     adapt_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
     width: int = 16
-    pretrain_steps: int = 400
-    adapt_steps: int = 200
+    pretrain_steps: int = 300
+    adapt_steps: int = 120
     batch_size: int = 64
     pretrain_examples: int | None = None
     adapt_examples: int | None = 1000
