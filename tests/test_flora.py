@@ -107,7 +107,8 @@ def test_identity_at_init_and_gradients_reach_the_core_first():
     peftlab.attach(model, "flora", target_modules=["0"], r=2, kernel_r=2)
     torch.testing.assert_close(model(x), base, rtol=0, atol=0)
     model(x).pow(2).sum().backward()
-    grads = {k.split(".")[1] + k.split(".")[-1]: p.grad for k, p in peftlab.adapter_parameters(model, "default").items()}
+    params = peftlab.adapter_parameters(model, "default")
+    grads = {k.split(".")[1] + k.split(".")[-1]: p.grad for k, p in params.items()}
     assert grads["flora_coredefault"].abs().sum() > 0
     factors = [v for k, v in grads.items() if k.startswith("flora_factors")]
     assert len(factors) == 4 and all(v.abs().sum() == 0 for v in factors)  # zero core: no factor gradient yet

@@ -97,7 +97,8 @@ def _load(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist(split: str = "train",
+                  root: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of a split: ``uint8`` images ``N x 28 x 28`` and ``int64`` labels 0-9.
 
     Args:

@@ -238,8 +238,8 @@ class DyLoRA(Method):
                               "with exclude_modules")
         for module in modules.values():
             layer = _KINDS[layer_kind(module)].adopt(module)  # type: ignore[index]
-            layer.add_dylora(name, self.r_min, self.r_max, self.alpha, self.dropout, self.update_all,  # type: ignore[attr-defined]
-                             self.eval_rank)
+            assert isinstance(layer, DyLoRALayer)
+            layer.add_dylora(name, self.r_min, self.r_max, self.alpha, self.dropout, self.update_all, self.eval_rank)
 
     def sample_rank(self, step: int, seed: int) -> int:
         """The rank of training step ``step`` in a run seeded ``seed``: uniform on
