@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftlab-installed
 
-.PHONY: setup test test-slow bench lint clean
+.PHONY: setup test test-slow bench lint clean fashion-mnist bench-vision
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test-slow: setup
 # --resume: a second `make bench` continues (or just re-reports) the same run instead of refusing.
 bench: setup
 	$(PY) -m peftlab.cli bench --resume $(BENCH_ARGS)
+
+# Fashion-MNIST for the convolutional evaluation (peftlab.lab.vision): a Debian/Ubuntu package,
+# installed only on request because it needs root.
+fashion-mnist:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }
+
+bench-vision: setup fashion-mnist
+	$(PY) benchmarks/vision_flora.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -23,6 +23,18 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
                       "modules_to_save": ["classifier"]},
         "tiny-gpt2": {"r": 4, "target_modules": ["c_attn", "c_fc"], "rslora": True},
     },
+    "dylora": {
+        "tiny-llama": {"r_max": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"r_max": 4, "rank": 3, "target_modules": ["query", "value", "word_embeddings"],
+                      "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"r_max": 4, "r_min": 2, "update_all": True, "target_modules": ["c_attn", "c_fc"]},
+    },
+    "flora": {
+        "tiny-llama": {"r": 4, "scale": 2.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"r": 4, "target_modules": ["query", "value", "word_embeddings"],
+                      "rank_pattern": {"value": [8, 2]}, "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"r": 4, "target_modules": ["c_attn", "c_fc"]},
+    },
     "bitfit": {
         "tiny-bert": {"target_modules": ["query", "intermediate.dense"], "modules_to_save": ["classifier"]},
         "tiny-gpt2": {},

@@ -48,8 +48,8 @@ class AdapterLayer(nn.Module):
     @classmethod
     def adopt(cls, module: nn.Module) -> AdapterLayer:
         """Turn ``module`` into an adapted layer of this kind, in place; idempotent."""
-        if isinstance(module, cls):
-            return module
+        if isinstance(module, AdapterLayer) and type(module).__mro__[1] is cls:
+            return module  # already this kind (a subclass of another method's layer is not that layer)
         if isinstance(module, AdapterLayer):
             raise AdapterStateError(
                 f"{type(module).base_class.__name__} is already adapted by {module.owner_method!r}; "

@@ -159,6 +159,15 @@ class Method:
             if isinstance(layer, MergeableLayer):
                 layer.unmerge_adapter(name)
 
+    def begin_step(self, model: nn.Module, name: str, step: int, seed: int) -> None:
+        """Called by training loops before each optimizer step, for every active adapter.
+
+        ``step`` counts optimizer steps from 0 and ``seed`` is the run's seed. The default does
+        nothing; methods whose training forward changes from step to step (DyLoRA's sampled
+        rank) override it. It must depend on its arguments only (no hidden random state), so a
+        resumed run repeats an uninterrupted one exactly.
+        """
+
     # ----------------------------------------------------------------------------- tensors
     def adapted_layers(self, model: nn.Module, name: str) -> Iterator[tuple[str, AdapterLayer]]:
         """The adapted layers of ``model`` that hold adapter ``name`` of this method."""

@@ -7,6 +7,8 @@ What it does, in order, for each optimizer step:
    full); forward under autocast (``bf16``/``fp16`` on CUDA, ``bf16`` on CPU), loss divided by
    ``grad_accum``, backward. A loss that is NaN or inf stops the run before any parameter
    changes (:class:`TrainingDiverged`).
+   Before the first micro-batch, every active adapter's ``Method.begin_step`` hook runs with
+   the step number and the seed (DyLoRA samples its rank there).
 2. Gradient clipping to ``max_grad_norm``, then the optimizer step: AdamW with weight decay on
    every trainable tensor but biases and norm weights (or the optimizer an attached method
    offers through ``make_optimizer``), and the learning-rate schedule: linear warm-up over
@@ -309,6 +311,15 @@ def _make_optimizer(model: nn.Module, named: dict[str, nn.Parameter], config: Tr
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _begin_step(model: nn.Module, step: int, seed: int) -> None:
+    """Tell every active adapter that optimizer step ``step`` (0-based) begins (``Method.begin_step``)."""
+    from peftlab.api import active, adapters
+
+    for name, method in adapters(model).items():
+        if name in active(model):
+            method.begin_step(model, name, step, seed)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -674,6 +685,7 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
                 began = time.perf_counter()
                 step_loss, step_tokens = 0.0, 0
                 lr = float(optimizer.param_groups[0]["lr"])
+                _begin_step(model, state.step, config.seed)
                 for _ in range(config.grad_accum):
                     batch = task.collate(tokenizer, [train_set[i] for i in order.take(config.batch_size)],
                                          config.max_length)
