@@ -29,8 +29,14 @@ HEADS = {"tiny-llama": "causal-lm", "tiny-bert": "classifier", "tiny-gpt2": "cau
 
 def _cases() -> list[tuple[str, str]]:
     """Every (method, tiny model) example of every registered method (future methods included)."""
-    out = [(m, model) for m in peftlab.methods() for model in METHOD_EXAMPLES.get(m, {})]
-    return out + [("full", model) for model in TINY]
+    out = [(m, model) for m in peftlab.methods() for model in METHOD_EXAMPLES.get(m, {}) if model in HEADS]
+    return out + [("full", model) for model in TINY if model in HEADS]
+
+
+def test_encoder_decoder_models_are_refused() -> None:
+    """The activation model covers encoder-only and decoder-only stacks; T5 gets a clear refusal."""
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        estimate(TINY["tiny-t5"]().config, "lora")
 
 
 # ----------------------------------------------------------------------------- counts
@@ -287,7 +293,10 @@ def test_cli_table_json_png_budget(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "total per device" in text and "fits 2.00 GB" in text and "max batch @ seq 256" in text
     doc = json.loads(out_json.read_text())
     methods = [e["method"] for e in doc["estimates"]]
-    assert methods == ["full", *peftlab.methods()]
+    # every method is either estimated (in registry order) or listed with the reason it does not apply
+    assert sorted(methods + list(doc["errors"])) == sorted(["full", *peftlab.methods()])
+    assert methods == [m for m in ["full", *peftlab.methods()] if m not in doc["errors"]]
+    assert "fuse" in doc["errors"]["fusion"]  # fusion needs trained adapters; its own message says so
     lora = next(e for e in doc["estimates"] if e["method"] == "lora")
     assert lora["options"]["r"] == 4
     assert lora["total"] == estimate("gpt2", "lora", {"r": 4}, batch=2, seq=256).total
@@ -327,4 +336,9 @@ def test_registered_prompt_methods_declare_their_tokens() -> None:
     prompt = estimate(src, "prompt_tuning", {"num_virtual_tokens": 12}, batch=2, seq=100, attention="math")
     prefix = estimate(src, "prefix_tuning", {"num_virtual_tokens": 12}, batch=2, seq=100, attention="math")
     assert prompt.activations > prefix.activations > 0
+    # the gradient reaches the prompt / prefixes through every block, so every block keeps activations
+    dylora = estimate(src, "dylora", batch=2, seq=100, attention="math")
+    for e in (prompt, prefix, dylora):
+        assert not any("no transformer block" in n for n in e.notes), e.notes
+    assert dylora.activations == estimate(src, "lora", batch=2, seq=100, attention="math").activations
     assert estimate(src, "full", batch=2, seq=112, attention="math").activations > plain

@@ -140,8 +140,13 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-def check_positions(config: Any, last_position: int, n_virtual: int, what: str) -> None:
-    """Refuse a call that would push positions past the model's maximum."""
+def check_positions(config: Any, last_position: int | torch.Tensor, n_virtual: int, what: str) -> None:
+    """Refuse a call that would push positions past the model's maximum (a meta-device tensor,
+    as in the memory estimator's probe forward, holds no value and is not checked)."""
+    if isinstance(last_position, torch.Tensor):
+        if last_position.is_meta:
+            return
+        last_position = int(last_position)
     limit = max_positions(config)
     if limit is not None and last_position >= limit:
         raise ConfigError(f"{what}: {n_virtual} virtual tokens plus the input need position {last_position}, but the "

@@ -202,6 +202,10 @@ def _source(name: str, numbers: dict[str, Any], head: str | None) -> ModelSource
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"{name}: model_type {model_type!r} is not known to transformers "
                           f"{tf.__version__}.{hint}")
+    if numbers.get("is_encoder_decoder"):
+        raise ConfigError(f"{name}: {model_type!r} is an encoder-decoder model; the estimator's activation "
+                          "model covers encoder-only and decoder-only transformers (cross-attention and the "
+                          "decoder stack are not modelled), so it refuses rather than guess")
     cls = CONFIG_MAPPING[model_type]
     alias = dict(getattr(cls, "attribute_map", {}) or {})
     needed = list(REQUIRED)

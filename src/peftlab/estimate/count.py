@@ -19,7 +19,7 @@ sequence length.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,6 +260,12 @@ class _SDPA(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is torch.nn.functional.scaled_dot_product_attention:
             self.probe.on_sdpa(args, kwargs, out)
+        elif func is torch.nn.functional.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            # A trainable weight built on the fly (a DyLoRA rank slice, a Kronecker product):
+            # no module call shows it, yet its input is saved for the weight's gradient.
+            if isinstance(w, torch.Tensor) and w.requires_grad and not isinstance(w, nn.Parameter):
+                self.probe.on_derived_linear(args[0], w)
         return out
 
 
@@ -300,8 +306,11 @@ class _Probe:
                 self.block_of[path] = int(path[len(prefix):].split(".", 1)[0])
         self.handles = []
         index = {id(b): i for i, b in enumerate(blocks)}
+        self.open_calls: dict[int, list[int]] = {}
+        """Call numbers of the module calls not yet returned, per module (to date a post hook)."""
         for path, m in model.named_modules():
             self.handles.append(m.register_forward_pre_hook(self._pre(path, m, index.get(id(m))), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post))
             if id(m) in index:
                 self.handles.append(m.register_forward_hook(self._leave_block))
 
@@ -323,7 +332,10 @@ class _Probe:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.calls += 1
             call = self.calls
-            if trains_here and self.first_trainable is None:
+            self.open_calls.setdefault(id(module), []).append(call)
+            # The graph starts at the first call that owns a trainable tensor or receives a tensor
+            # that requires grad (a soft prompt in the embeddings, a prefix in a cache argument).
+            if self.first_trainable is None and (trains_here or _needs_grad(args, kwargs)):
                 self.first_trainable = call
             if block_index is not None:
                 self.block = block_index
@@ -344,6 +356,14 @@ class _Probe:
 
         return hook
 
+    def _post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        calls = self.open_calls.get(id(module))
+        call = calls.pop() if calls else None
+        # A module that uses its trainable tensors without calling a submodule (F.linear on a
+        # slice, as DyLoRA does) shows only in its output: the graph starts at that call.
+        if self.first_trainable is None and call is not None and _needs_grad((out,), {}):
+            self.first_trainable = call
+
     def _leave_block(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self.block is not None:
             self.block_ends[self.block] = self.calls
@@ -356,6 +376,20 @@ class _Probe:
               label: str) -> None:
         tokens = self._tokens(x)
         self.sites.append((call, Site(block, kind, int(x.shape[-1]), count, nbytes, tokens >= PROBE_TOKENS, label)))
+
+    def on_derived_linear(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        """``F.linear(x, w)`` with a trainable ``w`` that is not a module's parameter."""
+        if not x.is_floating_point() or x.dim() == 0:
+            return
+        self.calls += 1
+        if self.first_trainable is None:
+            self.first_trainable = self.calls
+        self.keep.append(x)
+        g = self.groups.get(id(x))
+        if g is None:
+            g = _Group(self.block, int(x.shape[-1]), self._tokens(x), x.element_size(), x.dtype, self.calls)
+            self.groups[id(x)] = g
+        g.members.append(("<derived weight>", int(w.shape[0]), True, w.numel()))
 
     def _linear(self, path: str, m: nn.Module, x: torch.Tensor, block: int | None, call: int) -> None:
         self.keep.append(x)
@@ -430,6 +464,27 @@ class _Probe:
         graph_linears = tuple(n for c, n in self.linears if in_graph(c))
         return Structure(tuple(sites), attention, block_inputs, blocks, first_block, max(0, extra), gated, vocab,
                          graph_linears, max((n for _, n in self.linears), default=0))
+
+
+def _needs_grad(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among the arguments (or one level inside a tuple, list, dict, or a
+    transformers output or cache object, a few levels deep) requires grad."""
+    def tensors(v: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif depth < 4:
+            if isinstance(v, dict):
+                items: Iterable[Any] = v.values()
+            elif isinstance(v, (tuple, list)):
+                items = v
+            elif hasattr(v, "__dict__") and not isinstance(v, nn.Module):
+                items = vars(v).values()
+            else:
+                return
+            for x in items:
+                yield from tensors(x, depth + 1)
+
+    return any(t.requires_grad for v in (*args, *kwargs.values()) for t in tensors(v))
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

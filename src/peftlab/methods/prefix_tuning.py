@@ -392,7 +392,7 @@ class PrefixTuning(Method):
                 kw["use_cache"] = False
                 kw["attention_mask"] = inputs.prefix_attention_mask(mask, batch, length, 0, n, causal, dtype, x.device)
             pos = inputs.real_positions(kw.get("position_ids"), mask, real_past, length, n, x.device)
-            inputs.check_positions(_cfg(model), int(pos.max()), n, "prefix_tuning")
+            inputs.check_positions(_cfg(model), pos.max(), n, "prefix_tuning")
             if takes_positions:
                 kw["position_ids"] = pos
             return kw, True

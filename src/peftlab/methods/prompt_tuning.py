@@ -221,7 +221,7 @@ class PromptTuning(Method):
                 if mask is not None and mask.shape[1] == real_past + length:
                     kw["attention_mask"] = inputs.prepend_ones(mask, n)
             pos = inputs.real_positions(kw.get("position_ids"), mask, real_past, length, n, device)
-            inputs.check_positions(model.config, int(pos.max()), n, self.method_name)
+            inputs.check_positions(model.config, pos.max(), n, self.method_name)
             if takes_positions:
                 if fresh:
                     virtual = torch.arange(n, device=pos.device).expand(pos.shape[0], n)
