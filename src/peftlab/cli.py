@@ -56,6 +56,7 @@ PLUGGED: dict[str, tuple[str, str]] = {
     "peftlab.lab.bench_cli": ("bench", "train every applicable method side by side and write a report"),
     "peftlab.lab.train_cli": ("train", "fine-tune a model on a task with a method"),
     "peftlab.estimate.cli": ("estimate", "memory per device to fine-tune or serve a model, per method"),
+    "peftlab.lab.recommend_cli": ("recommend", "rank methods for a model, memory budget and serving needs"),
 }
 
 
