@@ -8,9 +8,10 @@ absolute claims: absolute seconds and bytes depend on the machine, the ratios mu
 How (see benchmarks/README.md for the long version):
 
 * Training: every (variant, repeat) runs in its own fresh Python subprocess, so the peak RSS of
-  one variant never includes the other's allocations. The order alternates
-  (peftlab, peft, peftlab, peft, ...) over ``--repeats`` and the medians over repeats are
-  compared, which cancels slow drift of the machine (thermal, page cache, neighbours).
+  one variant never includes the other's allocations. The pairs run in ABBA order
+  (peftlab, peft, then peft, peftlab, ...) over ``--repeats`` and the medians over repeats are
+  compared, which cancels slow drift of the machine (thermal, page cache, neighbours) and any
+  advantage of running first or second in a pair.
   In each subprocess: load model -> attach LoRA -> AdamW -> warm-up steps -> timed steps.
   A step is forward + backward + optimizer.step + zero_grad. The peak RSS is the kernel's
   high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``); it is reset with
@@ -508,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         runs: dict[str, list[dict[str, Any]]] = {"peftlab": [], "peft": []}
         for rep in range(cfg["repeats"]):
-            for variant in ("peftlab", "peft"):
+            # ABBA order (peftlab, peft / peft, peftlab / ...): neither always runs first, so a
+            # first-in-pair effect or a slow drift of the machine cancels out over the repeats.
+            for variant in (("peftlab", "peft") if rep % 2 == 0 else ("peft", "peftlab")):
                 r = run_worker("train", {**cfg, "variant": variant}, timeout)
                 runs[variant].append(r)
                 print(f"#   train repeat {rep + 1}/{cfg['repeats']} {variant:8s}: median step "
