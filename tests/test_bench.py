@@ -64,3 +64,14 @@ def test_report_aggregates_seeds_and_ratios():
     assert "±" in report.terminal_table(rows)
     ratios = report.peer_ratios(report.aggregate(rows))
     assert ratios[0]["step_time"] == pytest.approx(0.5) and ratios[0]["score"] == pytest.approx(1.0)
+
+
+def test_a_failing_method_is_reported_and_the_bench_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "bitfit"], profile="smoke",
+                           run_dir=run_dir, options={"lora": {"r": -1}}))
+    by_method = {r["method"]: r for r in rows}
+    assert "lora (peftlab) train failed" in by_method["lora"]["error"] and "r" in by_method["lora"]["error"]
+    assert "error" not in by_method["bitfit"] and by_method["bitfit"]["score"] >= 0
+    # the failed method is not counted as done: --resume retries it
+    assert [json.loads(x)["method"] for x in (run_dir / "results.jsonl").read_text().splitlines()].count("lora") == 1

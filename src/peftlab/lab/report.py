@@ -315,13 +315,20 @@ def _inline(text: str) -> str:
     return out
 
 
-def write(run_dir: Path, rows: list[dict[str, Any]], skipped: dict[str, str] | None = None) -> None:
-    """(Re)write report.md, report.html and the plots from the rows so far."""
+def write(run_dir: Path, rows: list[dict[str, Any]], skipped: dict[str, str] | None = None,
+          plots: bool = True) -> None:
+    """(Re)write report.md, and with ``plots`` report.html and the PNGs, from the rows so far.
+
+    The bench refreshes report.md after every method (cheap) and draws the plots once at the
+    end or on interruption (about 2 s each time).
+    """
     run_dir = Path(run_dir)
     agg = aggregate(rows)
     if not agg:
         return
-    _plots(run_dir, agg)
     md = _markdown(agg, rows, skipped or {})
     (run_dir / "report.md").write_text(md)
+    if not plots:
+        return
+    _plots(run_dir, agg)
     (run_dir / "report.html").write_text(_html(md, run_dir, agg))
