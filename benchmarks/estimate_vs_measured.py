@@ -59,22 +59,47 @@ def _trim() -> None:
 def method_options(model_name: str, method: str) -> dict[str, Any]:
     """Options used for ``method`` on ``model_name``: the method's defaults, plus training the new
     classification head (``modules_to_save``) on encoder classifiers, as one would in practice."""
-    from peftlab import models
-
-    if method != "full" and models.MODELS[model_name].kind == "encoder-classifier":
+    if method != "full" and _head(model_name) == "classifier":
         return {"modules_to_save": ["classifier"]}
     return {}
 
 
-def worker(model_name: str, method: str, batch: int, seq: int, steps: int, device: str) -> dict[str, Any]:
+def _head(model_name: str) -> str:
+    from peftlab.estimate.arch import resolve
+
+    return resolve(model_name).head
+
+
+def _build(model_name: str, random_init: bool) -> Any:
+    """The embedded model (real weights), or with ``random_init`` the same architecture built from
+    its config numbers with random weights (any preset too; for machines without the packages)."""
+    from peftlab import models
+
+    if not random_init:
+        model, _ = models.load(model_name, with_tokenizer=False)
+        return model
+    import transformers
+
+    from peftlab.estimate.arch import resolve
+
+    src = resolve(model_name)
+    auto = {"causal-lm": transformers.AutoModelForCausalLM,
+            "classifier": transformers.AutoModelForSequenceClassification}[src.head]
+    model = auto.from_config(src.config())
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = 0
+    return model
+
+
+def worker(model_name: str, method: str, batch: int, seq: int, steps: int, device: str,
+           random_init: bool = False) -> dict[str, Any]:
     """Train ``steps`` steps and return the measured peak (runs in a fresh process)."""
     import torch
 
     import peftlab
-    from peftlab import models
 
     torch.manual_seed(0)
-    model, _ = models.load(model_name, with_tokenizer=False)
+    model = _build(model_name, random_init)
     options = method_options(model_name, method)
     if method != "full":
         peftlab.attach(model, method, **options)
@@ -85,7 +110,7 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, devic
     model.train()
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq))
-    if models.MODELS[model_name].kind == "causal-lm":
+    if _head(model_name) == "causal-lm":
         labels = ids.clone()
     else:
         labels = torch.randint(0, model.config.num_labels, (batch,))
@@ -132,9 +157,10 @@ def predict(model_name: str, method: str, batch: int, seq: int, device: str) -> 
 
 
 def measure(model_name: str, method: str, batch: int, seq: int, steps: int, device: str,
-            fixed_threshold: bool = True) -> dict[str, Any]:
+            fixed_threshold: bool = True, random_init: bool = False) -> dict[str, Any]:
     """Run :func:`worker` in a subprocess and return its JSON."""
-    cmd = [sys.executable, __file__, "--worker", model_name, method, str(batch), str(seq), str(steps), device]
+    cmd = [sys.executable, __file__, "--worker", model_name, method, str(batch), str(seq), str(steps), device,
+           str(int(random_init))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if fixed_threshold:
@@ -159,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", help="write every row (with the full estimates) here")
-    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--random-init", action="store_true",
+                   help="build each model from its config numbers with random weights (presets too, e.g. "
+                        "llama-2-7b on a large GPU); memory does not depend on the weights' values")
+    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        name, method, batch, seq, steps, device = args.worker
-        print(json.dumps(worker(name, method, int(batch), int(seq), int(steps), device)))
+        name, method, batch, seq, steps, device, random_init = args.worker
+        print(json.dumps(worker(name, method, int(batch), int(seq), int(steps), device, random_init == "1")))
         return 0
 
     import torch
@@ -189,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {model_name} | {method} | n/a | n/a | n/a | {str(e).split(': ', 2)[-1][:60]} |")
                 rows.append({"model": model_name, "method": method, "error": str(e)})
                 continue
-            got = measure(model_name, method, args.batch, args.seq, args.steps, device)
+            got = measure(model_name, method, args.batch, args.seq, args.steps, device, random_init=args.random_init)
             if "error" in got:
                 print(f"| {model_name} | {method} | | {mb(pred['predicted'])} | failed | {got['error'][:60]} |")
                 rows.append({"model": model_name, "method": method, **pred, **got})
                 continue
             ratio = pred["predicted"] / got["measured"]
             flag = "" if abs(ratio - 1) <= target else " (outside target)"
-            dynamic = measure(model_name, method, args.batch, args.seq, args.steps, device, False) if cpu else {}
+            dynamic = measure(model_name, method, args.batch, args.seq, args.steps, device, False,
+                              args.random_init) if cpu else {}
             cell = f" {mb(dynamic['measured'])} |" if "measured" in dynamic else (" failed |" if cpu else "")
             print(f"| {model_name} | {method} | {got['trainable']:,} | {mb(pred['predicted'])} | "
                   f"{mb(got['measured'])} | {ratio:.2f}{flag} |{cell}", flush=True)

@@ -75,3 +75,14 @@ def test_a_failing_method_is_reported_and_the_bench_goes_on(tmp_path):
     assert "error" not in by_method["bitfit"] and by_method["bitfit"]["score"] >= 0
     # the failed method is not counted as done: --resume retries it
     assert [json.loads(x)["method"] for x in (run_dir / "results.jsonl").read_text().splitlines()].count("lora") == 1
+
+
+def test_profile_overrides_apply_to_every_method_and_are_checked(tmp_path):
+    rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["bitfit"], profile="smoke",
+                           run_dir=tmp_path / "run", overrides={"steps": 2, "seeds": [3]}))
+    assert {r["seed"] for r in rows} == {3} and all(r["steps"] == 2 for r in rows)
+    assert all(r["profile"] == "smoke*" and r["budget"]["steps"] == 2 for r in rows)
+    assert "2 steps x batch 4" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown profile field"):
+        run(BenchConfig(model="tiny-bert", task="tweets", profile="smoke", run_dir=tmp_path / "x",
+                        overrides={"stepz": 2}))

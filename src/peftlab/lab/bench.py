@@ -67,6 +67,8 @@ class BenchConfig:
     resume: bool = False
     overwrite: bool = False
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Profile fields to change (``{"steps": 30, "seeds": [0, 1]}``); every method gets the same."""
 
 
 # ----------------------------------------------------------------------------- planning
@@ -318,6 +320,17 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
     if config.profile not in PROFILES:
         raise peftlab.ConfigError(f"unknown profile {config.profile!r}; known: {sorted(PROFILES)}")
     profile = PROFILES[config.profile]
+    if config.overrides:
+        known_fields = {f.name for f in dataclasses.fields(Profile)}
+        bad = sorted(set(config.overrides) - known_fields)
+        if bad:
+            raise peftlab.ConfigError(f"unknown profile field(s) {bad}; known: {sorted(known_fields)}")
+        changes = dict(config.overrides)
+        if "seeds" in changes:
+            changes["seeds"] = tuple(changes["seeds"])
+        profile = dataclasses.replace(profile, **changes)
+        if profile.steps < 1 or profile.batch_size < 1 or profile.max_length < 2 or not profile.seeds:
+            raise peftlab.ConfigError(f"profile overrides give an empty budget: {dataclasses.asdict(profile)}")
     task = get_task(config.task, config.data)
     model_name = config.model or task.default_model
     if model_name not in models.names():
@@ -366,7 +379,8 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
                 print(f"\n== {method} ({impl}), seed {seed}")
                 t0 = time.perf_counter()
                 row = {"method": method, "impl": impl, "seed": seed, "model": model_name, "task": task.name,
-                       "profile": config.profile, "options": spec["options"], "lr": spec["lr"], "env": env}
+                       "profile": config.profile + ("*" if config.overrides else ""),
+                       "budget": dataclasses.asdict(profile), "options": spec["options"], "lr": spec["lr"], "env": env}
                 try:
                     row.update(_spawn("train", spec, out_dir))
                     row.update(_spawn("infer", spec, out_dir))

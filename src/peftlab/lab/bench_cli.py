@@ -20,15 +20,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping finished methods")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--options", default="{}", help='per-method options as JSON: {"lora": {"r": 16}}')
+    g = p.add_argument_group("budget overrides (change the profile for every method alike)")
+    g.add_argument("--steps", type=int, help="optimizer steps per method")
+    g.add_argument("--batch-size", type=int, help="training batch size")
+    g.add_argument("--max-length", type=int, help="tokens per example (longer ones are cut)")
+    g.add_argument("--eval-every", type=int, help="validation every N steps")
+    g.add_argument("--eval-examples", type=int, help="validation examples per evaluation")
+    g.add_argument("--test-examples", type=int, help="test examples for the final score")
+    g.add_argument("--seeds", type=int, nargs="+", help="seeds (mean +- std over them)")
 
 
 def run(args: argparse.Namespace) -> int:
     from peftlab.lab.bench import BenchConfig
     from peftlab.lab.bench import run as bench
 
-    name = args.name or f"{args.task}-{args.model or 'default'}-{args.profile}"
+    fields = ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "test_examples", "seeds")
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    name = args.name or f"{args.task}-{args.model or 'default'}-{args.profile}" + ("-custom" if overrides else "")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
     bench(BenchConfig(model=args.model, task=args.task, data=args.data, methods=args.methods,
                       profile=args.profile, vs_peft=args.vs == "peft", run_dir=run_dir, resume=args.resume,
-                      overwrite=args.overwrite, options=json.loads(args.options)))
+                      overwrite=args.overwrite, options=json.loads(args.options),
+                      overrides=overrides))
     return 0

@@ -153,11 +153,19 @@ def terminal_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _budget(row: dict[str, Any]) -> str:
+    b = row.get("budget")
+    if not b:
+        return ""
+    return (f" ({b['steps']} steps x batch {b['batch_size']}, {b['max_length']} tokens, "
+            f"{b['test_examples'] or 'all'} test examples, {len(b['seeds'])} seed(s))")
+
+
 def _markdown(agg: list[dict[str, Any]], rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     first = next((r for r in rows if "error" not in r), rows[0] if rows else {})
     env = first.get("env", {})
     out = [f"# peftlab bench: {first.get('model', '?')} on {first.get('task', '?')}", "",
-           f"Profile `{first.get('profile', '?')}`; machine: {env.get('device', '?')}, {env.get('cpus', '?')} CPUs, "
+           f"Profile `{first.get('profile', '?')}`{_budget(first)}; machine: {env.get('device', '?')}, {env.get('cpus', '?')} CPUs, "
            f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}. Score is the test-split "
            f"`{agg[0]['metric'] if agg else '?'}`; full fine-tuning is the 1.0 reference. Times and memory are from "
            "this machine; compare methods by their ratios in this run.", ""]
