@@ -342,3 +342,24 @@ def test_registered_prompt_methods_declare_their_tokens() -> None:
         assert not any("no transformer block" in n for n in e.notes), e.notes
     assert dylora.activations == estimate(src, "lora", batch=2, seq=100, attention="math").activations
     assert estimate(src, "full", batch=2, seq=112, attention="math").activations > plain
+
+
+def test_cuda_attention_dispatch_follows_pytorch_sdpa():
+    """fp32 grouped-query attention on CUDA runs the math path (measured on an H100: the s^2 softmax
+    is kept); 16-bit unmasked attention runs FlashAttention; masked or fp32 MHA the efficient kernel."""
+    from peftlab.estimate.count import AttentionCall
+    from peftlab.estimate.formulas import attention_impl
+
+    gqa = AttentionCall(block=0, heads=9, kv_heads=3, head_dim=64, extra_keys=0, dropout=0.0, masked=False, gqa=True)
+    mha_masked = AttentionCall(block=0, heads=12, kv_heads=12, head_dim=32, extra_keys=0, dropout=0.1, masked=True,
+                               gqa=False)
+    assert attention_impl(gqa, "auto", "cuda", 4) == "math"
+    assert attention_impl(gqa, "auto", "cuda", 2) == "flash"
+    assert attention_impl(mha_masked, "auto", "cuda", 4) == "flash"  # memory-efficient kernel, no s^2 terms
+    assert attention_impl(mha_masked, "auto", "cpu", 4) == "math"  # CPU: dropout -> math path
+    assert attention_impl(gqa, "eager", "cuda", 2) == "eager"
+    fp32 = estimate("smollm2-135m", "lora", batch=4, seq=512, dtype="fp32", mixed_precision=False, device="cuda")
+    bf16 = estimate("smollm2-135m", "lora", batch=4, seq=512, dtype="bf16", mixed_precision=False, device="cuda")
+    scores = 30 * 4 * 9 * 512 * 512 * 4  # layers x batch x heads x s^2 x fp32 softmax
+    assert fp32.details["activations: attention scores s^2 (in layers)"] == scores
+    assert bf16.details["activations: attention scores s^2 (in layers)"] == 0

@@ -28,7 +28,9 @@ This module evaluates the same sum term by term, generalised to what the code at
   gate input, the activation output and the up projection (3 tensors of width ``I``);
 * memory-efficient attention kernels (FlashAttention, Dao et al. 2022,
   https://arxiv.org/abs/2205.14135; PyTorch's SDPA kernels) keep ``Q, K, V``, the output and the
-  log-sum-exp instead of the ``s^2`` scores; the math/eager path keeps the scores;
+  log-sum-exp instead of the ``s^2`` scores; the math/eager path keeps the scores. Which kernel
+  PyTorch picks depends on the dtype, the mask and grouped-query inputs (:func:`attention_impl`):
+  fp32 grouped-query attention on CUDA runs the math path;
 * dropout masks are 1 byte on CUDA (``native_dropout``) and a full activation-dtype tensor on CPU
   (``at::dropout`` multiplies by a noise tensor there); on CPU the SDPA math path computes 16-bit
   attention in fp32 and keeps fp32 tensors;
@@ -72,14 +74,26 @@ def site_bytes(site: Site, batch: int, tokens: int, e: int, mask: int) -> float:
     return n * site.width * site.count * element_bytes(site.bytes, e, mask)
 
 
-def attention_impl(call: AttentionCall, attention: str, device: str) -> str:
-    """Which kernel runs: ``auto`` follows PyTorch's SDPA dispatch (memory-efficient kernels on
-    CUDA; on CPU the flash kernel only without dropout, else the math path)."""
+def attention_impl(call: AttentionCall, attention: str, device: str, e: int = 2) -> str:
+    """Which kernel runs; ``auto`` follows PyTorch's SDPA dispatch.
+
+    On CUDA, FlashAttention takes 16-bit inputs with ``head_dim <= 256`` and no explicit mask
+    (grouped-query inputs included); otherwise the memory-efficient kernel runs (fp32, masks and
+    dropout; the same memory terms, no ``s^2`` scores), except for grouped-query calls
+    (``enable_gqa``), which it does not take: those fall to the math path, which keeps the ``s^2``
+    softmax. (fp32 training of a GQA model without a mask, e.g. a causal LM, is that case.) On
+    CPU the flash kernel runs without dropout, else the math path.
+
+    Args:
+        e: Bytes per element of the attention inputs.
+    """
     if attention != "auto":
         return attention
-    if device == "cuda" or call.dropout == 0:
-        return "flash"
-    return "math"
+    if device == "cuda":
+        if e <= 2 and call.head_dim <= 256 and not call.masked:
+            return "flash"
+        return "math" if call.gqa else "flash"
+    return "flash" if call.dropout == 0 else "math"
 
 
 def attention_bytes(call: AttentionCall, batch: int, s_q: int, s_k: int, e: int, mask: int, impl: str,
@@ -153,7 +167,7 @@ def activations(st: Structure, batch: int, seq: int, e: int, device: str, attent
     s_k = s_q + prefix_tokens
     per_block: dict[int, float] = {b: 0.0 for b, _ in st.block_inputs}
     scores_total = 0.0
-    impls = {a.block: attention_impl(a, attention, device) for a in st.attention}
+    impls = {a.block: attention_impl(a, attention, device, e) for a in st.attention}
     outside = 0.0
     for site in st.sites:
         if site.kind == "attention-output" and impls.get(site.block) == "flash":
