@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
         collate = task.collate
 
         def counting(tokenizer, examples, max_length):
-            seen["n"] += len(examples)
+            if model.training:  # training micro-batches only, not evaluation
+                seen["n"] += len(examples)
             return collate(tokenizer, examples, max_length)
 
         task.collate = counting

@@ -165,15 +165,22 @@ def check_strategy(model: nn.Module, strategy: str) -> None:
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks to shard one by one: modules whose class is named in the model's
-    ``_no_split_modules`` (transformers' list of blocks that must stay whole), outermost only."""
+    ``_no_split_modules`` (transformers' list of blocks that must stay whole), outermost only.
+
+    A block holding the input embeddings stays in the root's group: input-side methods (soft
+    prompts) call the embedding from a hook on the model, and the root group is gathered
+    before that hook runs, a block's group only when the block itself is called."""
     names = set(getattr(model, "_no_split_modules", None) or ())
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
     found: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside:
             continue
         bases = {c.__name__ for c in type(module).__mro__}
-        if module is not model and names & bases:
+        holds_embeddings = embeddings is not None and any(m is embeddings for m in module.modules())
+        if module is not model and names & bases and not holds_embeddings:
             found.append(module)
             inside.update(id(m) for m in module.modules())
     return found
