@@ -139,16 +139,15 @@ def test_accelerate_launch_runs_peftlab_train_on_two_processes(tmp_path):
     assert result["steps"] == 2 and all(h["tokens"] > 0 for h in result["history"])
 
 
-def test_fsdp_refuses_a_method_that_cannot_shard(monkeypatch):
-    from peftlab.methods.lora import LoRA
-
+def test_fsdp_refuses_a_method_that_cannot_shard():
+    """Compacter's rule matrices are one parameter shared by every block (``fsdp_compatible = False``)."""
     model, _ = models.load("tiny-bert", num_labels=3, with_tokenizer=False)
     peftlab.attach(model, "lora", r=2, target_modules=["query"])
     distributed.check_strategy(model, "fsdp")  # LoRA shards
-    monkeypatch.setattr(LoRA, "fsdp_compatible", False)
-    monkeypatch.setattr(LoRA, "fsdp_reason", "its optimizer needs whole gradient matrices")
-    with pytest.raises(ConfigError, match=r"'default' \(lora\) cannot be sharded with FSDP: its optimizer needs "
-                                          r"whole gradient matrices; use --strategy ddp \(torchrun\) or DeepSpeed"):
+    peftlab.attach(model, "compacter", name="phm")
+    with pytest.raises(ConfigError, match=r"adapter 'phm' \(compacter\) cannot be sharded with FSDP: its PHM rule "
+                                          r"matrices are one parameter shared .*; use --strategy ddp \(torchrun\) "
+                                          r"or DeepSpeed ZeRO-2 instead"):
         distributed.check_strategy(model, "fsdp")
     distributed.check_strategy(model, "ddp")
     with pytest.raises(ConfigError, match="strategy must be one of ddp, fsdp"):

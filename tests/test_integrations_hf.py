@@ -125,3 +125,29 @@ def test_trl_sft_trainer_saves_only_the_adapter(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     files = set(os.listdir(tmp_path / "final"))
     assert ADAPTER_FILES <= files and not any(f.startswith("model") and f.endswith(".safetensors") for f in files)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_smoke(tmp_path, monkeypatch, stage):
+    """ZeRO-2/3 with the example configs on one GPU: trains, and saves only the adapter."""
+    pytest.importorskip("deepspeed")
+    if not torch.cuda.is_available():
+        pytest.skip("the DeepSpeed smoke run needs a GPU")
+    from pathlib import Path
+
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from peftlab.integrations.hf import PeftlabTrainer
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29517"}.items():
+        monkeypatch.setenv(key, value)
+    model, tok = lora_bert()
+    config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed" / f"zero{stage}.json"
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=5e-3, save_strategy="no", report_to=[], disable_tqdm=True,
+                             deepspeed=str(config))
+    trainer = PeftlabTrainer(model=model, args=args, train_dataset=dataset(tok), data_collator=DataCollatorWithPadding(tok))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert set(os.listdir(tmp_path / "final")) == ADAPTER_FILES
