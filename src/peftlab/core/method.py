@@ -112,6 +112,18 @@ class Method:
     recommend`` uses it where no measured result exists); cite it in ``typical_score_source``."""
     typical_score_source: ClassVar[str] = ""
 
+    fsdp_compatible: ClassVar[bool] = True
+    """Whether the adapter trains with its model sharded by FSDP2 (``fully_shard``: every tensor
+    split along dim 0 over the ranks). A method whose tensors or optimizer need whole matrices on
+    every rank (an optimizer that projects each gradient matrix, such as GaLore; quantized
+    storage in a dtype that shards cannot flatten) sets False: the trainer then refuses
+    ``strategy="fsdp"`` with ``fsdp_reason`` and names ``fsdp_alternative``."""
+    fsdp_reason: ClassVar[str] = ""
+    fsdp_alternative: ClassVar[str] = "--strategy ddp (torchrun) or DeepSpeed ZeRO-2"
+    ddp_find_unused_parameters: ClassVar[bool] = False
+    """Whether some trainable parameters may get no gradient in a training step (DDP then has to
+    look for them: ``find_unused_parameters=True``, one extra graph walk per step)."""
+
     saves_trainable_parameters: ClassVar[bool] = True
     """Whether the file holds the trainable parameters themselves. False where it holds a form
     derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,

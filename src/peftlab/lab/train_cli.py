@@ -6,6 +6,12 @@ Examples::
     peftlab train --task chat --method lora --steps 100 --save-every 25 --run-dir runs/chat
     peftlab train --task chat --run-dir runs/chat --resume          # continue after an interruption
     peftlab train --data my.csv --model minilm --method full --lr 5e-5
+    torchrun --nproc_per_node 4 -m peftlab.cli train --task chat --method lora --strategy ddp
+    torchrun --nproc_per_node 8 -m peftlab.cli train --task chat --method full --strategy fsdp
+
+Under ``torchrun`` (or ``accelerate launch``) every process runs this command; ``--batch-size``
+is the global micro-batch (each of N processes takes 1/N of it), and rank 0 alone writes the run
+directory and prints. See ``docs/scaling.md``.
 
 The run directory holds ``run.json`` (what was trained), ``checkpoints/step-<N>/``, the adapter
 (``adapter/``, written with :func:`peftlab.save`; ``model/`` with ``save_pretrained`` for
@@ -24,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.errors import ConfigError
+from peftlab.lab import distributed
 from peftlab.lab.bench import head_modules, learning_rate
+from peftlab.lab.distributed import STRATEGIES
 from peftlab.lab.tasks import get_task, task_names
 from peftlab.lab.trainer import PRECISIONS, SCHEDULES, TrainConfig, train
 
@@ -52,6 +60,7 @@ _HELP = {
     "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
     "train_examples": "train on a seeded subset of this many examples ('none': all)",
     "progress": "show the progress bar and evaluation lines",
+    "strategy": "under torchrun: DistributedDataParallel (ddp) or FSDP2 fully_shard (fsdp)",
 }
 
 
@@ -90,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             how.add_argument(flag, choices=SCHEDULES, **kw)
         elif f.name == "precision":
             how.add_argument(flag, choices=PRECISIONS, **kw)
+        elif f.name == "strategy":
+            how.add_argument(flag, choices=STRATEGIES, **kw)
         elif typing.get_origin(kind) in (typing.Union, types.UnionType):
             how.add_argument(flag, type=_optional_int, metavar="N", **kw)
         else:
@@ -166,7 +177,22 @@ def _start_run_dir(run_dir: Path, record: dict[str, Any], clear: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say, save the adapter into ``run_dir/adapter`` and print the final metrics."""
+    """Train as ``args`` say, save the adapter into ``run_dir/adapter`` and print the final metrics.
+
+    Under ``torchrun`` this joins the process group from the environment first (and leaves it at
+    the end if it started it).
+    """
+    dist, started = distributed.init_from_env()
+    try:
+        return _run(args, dist)
+    finally:
+        if started:
+            import torch
+
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
     import torch
 
     import peftlab
@@ -190,11 +216,14 @@ def run(args: argparse.Namespace) -> int:
     record = {"task": task.name, "data": str(Path(args.data).resolve()) if args.data else None, "model": model_name,
               "method": args.method, "options": dict(options)}
     used = _check_run_dir(run_dir, record, args.resume, args.overwrite)
+    dist.barrier()  # every rank has looked at the run directory before rank 0 changes it
 
     model, tokenizer = models.load(model_name, num_labels=task.num_labels or 2, seed=config.seed)
     if tokenizer is None:
         raise ConfigError(f"model {model_name!r} comes without a tokenizer (tiny-gpt2 has none; tiny-llama* use "
                           "SmolLM2's once `peftlab prepare smollm2-135m` has run); pick another --model")
+    model.to(distributed.device_for(dist))
+    say = print if dist.is_main else (lambda *a, **k: None)
     if args.method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -203,24 +232,31 @@ def run(args: argparse.Namespace) -> int:
             heads = head_modules(model, task)
             if heads:
                 options["modules_to_save"] = heads
-                print(f"peftlab: training the new classification head {heads[0]!r} in full (modules_to_save)")
-        torch.manual_seed(config.seed)  # adapter initialisation
+                say(f"peftlab: training the new classification head {heads[0]!r} in full (modules_to_save)")
+        torch.manual_seed(config.seed)  # adapter initialisation (the same on every rank)
         peftlab.attach(model, args.method, **options)
-    _start_run_dir(run_dir, record, clear=used and args.overwrite)
+    distributed.check_strategy(model, config.strategy)  # before anything is written
+    if dist.is_main:
+        _start_run_dir(run_dir, record, clear=used and args.overwrite)
+    dist.barrier()
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {trainable:,} trainable "
-          f"parameters of {total:,} ({100 * trainable / total:.3f}%); run directory {run_dir}")
+    where = f" on {dist.world} processes ({config.strategy})" if dist.active else ""
+    say(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {trainable:,} trainable "
+        f"parameters of {total:,} ({100 * trainable / total:.3f}%){where}; run directory {run_dir}")
     result = train(model, tokenizer, task, config, run_dir=run_dir, resume=args.resume)
 
-    if args.method == FULL:
-        saved = run_dir / "model"
-        model.save_pretrained(saved)
-        tokenizer.save_pretrained(saved)
-    else:
-        saved = run_dir / "adapter"
-        peftlab.save(model, saved)
+    saved = run_dir / ("model" if args.method == FULL else "adapter")
+    with distributed.full_parameters(model):  # FSDP2: every rank gathers, rank 0 writes
+        if dist.is_main and args.method == FULL:
+            model.save_pretrained(saved)
+            tokenizer.save_pretrained(saved)
+        elif dist.is_main:
+            peftlab.save(model, saved)
+    dist.barrier()
+    if not dist.is_main:
+        return 0
     (run_dir / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
 
     print(f"\n{result.steps} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step, "

@@ -57,6 +57,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError, PeftlabError
+from peftlab.lab import distributed
+from peftlab.lab.distributed import STRATEGIES, Dist
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoints", "latest_checkpoint", "subset", "train"]
 
@@ -85,7 +87,10 @@ class TrainConfig:
 
     Attributes:
         steps: Optimizer steps in total (a resumed run continues up to this step).
-        batch_size: Examples per micro-batch (also the evaluation batch size).
+        batch_size: Examples per micro-batch over all processes (also the evaluation batch
+            size). It is global: under ``torchrun`` with N processes each rank takes its
+            ``batch_size / N`` examples of every micro-batch, so a run trains on the same
+            batches whatever N is (``batch_size`` must be a multiple of N).
         grad_accum: Micro-batches per optimizer step (effective batch: ``batch_size * grad_accum``).
         lr: Peak learning rate.
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
@@ -102,7 +107,10 @@ class TrainConfig:
             with gradient scaling).
         gradient_checkpointing: Recompute activations in the backward pass (less memory, slower).
         train_examples: Use a seeded subset of this many training examples; ``None``: all.
-        progress: Show a progress bar (loss, tokens/s) and the evaluation lines.
+        progress: Show a progress bar (loss, tokens/s) and the evaluation lines (rank 0 only).
+        strategy: How the model is wrapped when several processes run (``torchrun``):
+            ``"ddp"`` (DistributedDataParallel) or ``"fsdp"`` (FSDP2 ``fully_shard``). Ignored
+            in a single process.
     """
 
     steps: int = 200
@@ -122,6 +130,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     train_examples: int | None = None
     progress: bool = True
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +164,7 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -447,10 +457,36 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any, state: _State,
-                     config: TrainConfig, device: torch.device) -> Path:
-    """Write ``run_dir/checkpoints/step-<N>`` atomically and keep the newest two."""
+def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
+                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
+                     state: _State, config: TrainConfig, device: torch.device, dist: Dist = Dist()) -> Path:
+    """Write ``run_dir/checkpoints/step-<N>`` atomically and keep the newest two.
+
+    In a distributed job every rank takes part (whole tensors are gathered from FSDP shards,
+    and every rank's RNG state is kept), and rank 0 alone writes.
+    """
+    tensors = {n: distributed.full_tensor(p.detach()).to("cpu", copy=True).contiguous() for n, p in named.items()}
+    optim = distributed.optimizer_state(optimizer)
+    rng = _rng_state(device)
+    if dist.active:
+        rng = {**rng, "ranks": dist.gather(rng)}
+    target = Path(run_dir) / CHECKPOINT_DIR / f"step-{state.step}"
+    error: BaseException | None = None
+    if dist.is_main:
+        try:
+            _write_checkpoint(Path(run_dir), tensors, optim, scheduler, scaler, rng, state, config, dist)
+        except BaseException as e:  # the other ranks must hear of it, or they would wait forever
+            error = e
+    if dist.any(error is not None):
+        if error is not None:
+            raise error
+        raise PeftlabError(f"rank 0 could not write checkpoint {target}; see its error")
+    return target
+
+
+def _write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim: dict[str, Any],
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any, rng: dict[str, Any],
+                      state: _State, config: TrainConfig, dist: Dist) -> Path:
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINT_DIR
@@ -460,11 +496,12 @@ def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter], optimizer: t
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in named.items()}, str(tmp / PARAMS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(tensors, str(tmp / PARAMS_FILE))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIMIZER_FILE)
-        torch.save(_rng_state(device), tmp / RNG_FILE)
-        record = {"format": _FORMAT, "config": config.to_dict(), **dataclasses.asdict(state)}
+        torch.save(rng, tmp / RNG_FILE)
+        record = {"format": _FORMAT, "config": config.to_dict(), "world_size": dist.world,
+                  **dataclasses.asdict(state)}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
         for path in tmp.iterdir():
             _fsync(path)
@@ -490,7 +527,7 @@ def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter], optimizer: t
 
 def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
-                     device: torch.device) -> tuple[_State, TrainConfig]:
+                     device: torch.device, config: TrainConfig, dist: Dist = Dist()) -> tuple[_State, TrainConfig]:
     """Restore tensors, optimizer, scheduler, scaler and RNG from ``path``; return the state and
     the config the checkpoint was written with."""
     from safetensors.torch import load_file
@@ -499,6 +536,12 @@ def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torc
     if record.get("format") != _FORMAT:
         raise ConfigError(f"checkpoint {path} has format {record.get('format')!r}, this peftlab reads "
                           f"{_FORMAT}; start a new run_dir")
+    written_by = int(record.get("world_size", 1))
+    if written_by != dist.world:
+        raise ConfigError(f"checkpoint {path} was written by a job of {written_by} process(es), this job has "
+                          f"{dist.world}: each process's random state (dropout) is kept per rank, so resume with "
+                          f"{written_by} process(es) in total (torchrun --nnodes x --nproc_per_node = {written_by})"
+                          " or start a new run_dir")
     tensors = load_file(str(path / PARAMS_FILE))
     missing = sorted(set(named) - set(tensors))
     unexpected = sorted(set(tensors) - set(named))
@@ -507,15 +550,15 @@ def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torc
         raise ConfigError(f"checkpoint {path} does not fit the model's trainable tensors (missing: {missing[:5]}, "
                           f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]}); resume with the same model "
                           "and method, or start a new run_dir")
-    with torch.no_grad():
-        for n, p in named.items():
-            p.copy_(tensors[n])
+    for n, p in named.items():
+        distributed.copy_full(p, tensors[n])
     saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=device)
-    optimizer.load_state_dict(saved["optimizer"])
+    distributed.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler") is not None:
         scaler.load_state_dict(saved["scaler"])
-    _set_rng_state(torch.load(path / RNG_FILE, weights_only=True), device)
+    rng = torch.load(path / RNG_FILE, weights_only=True)
+    _set_rng_state(rng["ranks"][dist.rank] if dist.active else rng, device)
     fields = {f.name for f in dataclasses.fields(_State)}
     state = _State(**{k: v for k, v in record.items() if k in fields})
     return state, TrainConfig.from_dict(record["config"])
@@ -607,6 +650,13 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
             none). The data-order settings (seed, batch_size, grad_accum, train_examples) must
             match; other changes apply from the resumed step on, with a warning.
 
+    Distributed: when ``torch.distributed`` is initialised (``torchrun``; see
+    :mod:`peftlab.lab.distributed`) every rank calls this with the same arguments. The model is
+    wrapped per ``config.strategy`` (DDP, or sharded in place with FSDP2 and left sharded:
+    save it inside :func:`peftlab.lab.distributed.full_parameters`), each rank trains on its
+    slice of every global micro-batch, the history holds the global loss and tokens, all ranks
+    stop together on a NaN, and rank 0 alone writes checkpoints and shows progress.
+
     Returns:
         The :class:`TrainResult`; the model is left trained, in the train/eval mode it came in.
 
@@ -615,16 +665,24 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
         ConfigError: Bad settings, nothing to train, or a checkpoint that does not fit.
     """
     config.validate()
+    dist = distributed.current()
     run_path = Path(run_dir) if run_dir is not None else None
     if run_path is None and (config.save_every or resume):
         raise ConfigError("save_every and resume need a run_dir to keep checkpoints in; pass run_dir=...")
+    if config.batch_size % dist.world:
+        raise ConfigError(f"batch_size {config.batch_size} is the global micro-batch and must be a multiple of the "
+                          f"{dist.world} processes; use batch_size {dist.world * max(1, config.batch_size // dist.world)}"
+                          " or another number of processes")
     device = _device(model)
     _check_precision(config.precision, device)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("nothing to train: every parameter of the model is frozen; attach a method "
                           "(peftlab.attach) or unfreeze the model for full fine-tuning")
-    _seed_everything(config.seed)
+    runner = distributed.wrap(model, config.strategy, dist) if dist.active else model
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP2: the shards
+    # Rank 0 keeps the run's seed (one process trains as before); the other ranks get their own
+    # streams for dropout. Parameters are equal on every rank (DDP broadcasts rank 0's).
+    _seed_everything(config.seed if dist.rank == 0 else _derived_seed(config.seed, "rank", dist.rank) % 2**63)
     train_set = subset(task.examples("train"), config.train_examples, config.seed)
     if not train_set:
         raise ConfigError(f"task {task.name!r} has no training examples")
@@ -637,7 +695,7 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
     state = _State()
     start = latest_checkpoint(run_path) if resume and run_path is not None else None
     if start is not None:
-        state, old = _load_checkpoint(start, named, optimizer, scheduler, scaler, device)
+        state, old = _load_checkpoint(start, named, optimizer, scheduler, scaler, device, config, dist)
         changed = _reconcile(old, config, start)
         if changed:
             warnings.warn(f"resuming from {start} with changed {', '.join(changed)}: training goes on from step "
@@ -650,7 +708,7 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
                 group["lr"] = base * factor(state.step)
                 if group.get("weight_decay"):
                     group["weight_decay"] = config.weight_decay
-    elif resume and config.progress:
+    elif resume and config.progress and dist.is_main:
         print(f"peftlab: no checkpoint in {run_path}; starting from step 0", file=sys.stderr)
     order = _DataOrder(len(train_set), config.seed, state.epoch, state.position)
     params = list(named.values())
@@ -659,7 +717,9 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
     from tqdm.auto import tqdm
 
     was_training = model.training
-    bar = tqdm(total=config.steps, initial=state.step, disable=not config.progress, desc=f"{task.name}",
+    show = config.progress and dist.is_main
+    share = config.batch_size // dist.world  # this rank's examples of every micro-batch
+    bar = tqdm(total=config.steps, initial=state.step, disable=not show, desc=f"{task.name}",
                unit="step", dynamic_ncols=True)
 
     def evaluate_now() -> None:
@@ -673,7 +733,7 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
         state.evals.append(record)
         record["overfitting"] = _overfitting(state.evals)
         state.since_eval = []
-        if config.progress:
+        if show:
             bar.write(_describe(record, config.steps))
             if record["overfitting"]:
                 bar.write(_overfit_line(state.evals))
@@ -686,25 +746,31 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
                 step_loss, step_tokens = 0.0, 0
                 lr = float(optimizer.param_groups[0]["lr"])
                 _begin_step(model, state.step, config.seed)
-                for _ in range(config.grad_accum):
-                    batch = task.collate(tokenizer, [train_set[i] for i in order.take(config.batch_size)],
-                                         config.max_length)
+                for micro in range(config.grad_accum):
+                    indices = order.take(config.batch_size)[dist.rank * share:(dist.rank + 1) * share]
+                    batch = task.collate(tokenizer, [train_set[i] for i in indices], config.max_length)
                     step_tokens += int(batch["attention_mask"].sum())
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with _autocast(config.precision, device):
-                        loss = model(**batch).loss
-                    if loss is None:
-                        raise ConfigError(f"{type(model).__name__} returned no loss for a batch with labels; "
-                                          "use a model with a task head (...ForSequenceClassification, ...ForCausalLM)")
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise _diverged(f"the loss is {value}", value, state.step + 1, config, run_path, lr)
-                    loss = loss.float() / config.grad_accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    # DDP/FSDP: gradients are reduced over the ranks on the last micro-batch only
+                    with distributed.gradient_sync(runner, micro == config.grad_accum - 1):
+                        with _autocast(config.precision, device):
+                            loss = runner(**batch).loss
+                        if loss is None:
+                            raise ConfigError(f"{type(model).__name__} returned no loss for a batch with labels; use "
+                                              "a model with a task head (...ForSequenceClassification, ...ForCausalLM)")
+                        value = float(loss.detach())
+                        if dist.any(not math.isfinite(value)):  # every rank stops, none waits in backward
+                            value = value if not math.isfinite(value) else math.nan
+                            raise _diverged(f"the loss is {value}", value, state.step + 1, config, run_path, lr)
+                        loss = loss.float() / config.grad_accum
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_loss += value / config.grad_accum
+                if dist.active:  # the global batch's mean loss (equal slices) and its tokens
+                    total_loss, total_tokens = dist.sum([step_loss, float(step_tokens)])
+                    step_loss, step_tokens = total_loss / dist.world, int(total_tokens)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
                 if scaler is None and not math.isfinite(norm):
                     raise _diverged(f"the gradient norm is {norm}", norm, state.step + 1, config, run_path, lr)
                 if scaler is not None:
@@ -730,14 +796,16 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
                 last = state.step == config.steps
                 save = run_path is not None and config.save_every and (last or state.step % config.save_every == 0)
                 if last or save:  # never evaluate or checkpoint parameters that hold NaN/inf
-                    bad = [n for n, p in named.items() if not bool(torch.isfinite(p).all())]
-                    if bad:
+                    bad = [n for n, p in named.items() if not bool(torch.isfinite(distributed.local(p)).all())]
+                    if dist.any(bool(bad)):
+                        bad = bad or ["a tensor on another rank"]
                         raise _diverged(f"{len(bad)} trainable tensor(s) hold NaN/inf after it (e.g. {bad[0]})",
                                         math.nan, state.step, config, run_path, lr)
                 if val_set and (last or (config.eval_every and state.step % config.eval_every == 0)):
                     evaluate_now()
                 if save:
-                    _save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device)
+                    _save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device,
+                                     dist)
             if val_set and (not state.evals or state.evals[-1]["step"] != state.step):
                 evaluate_now()  # a resumed run that had already reached `steps`
     finally:

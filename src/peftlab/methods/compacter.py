@@ -98,6 +98,9 @@ class Compacter(AdapterMethod):
     """Rank r of the per-site fast matrices."""
 
     suggested_lr: ClassVar[float] = 3e-3  # the Compacter paper's learning rate
+    fsdp_compatible: ClassVar[bool] = False
+    fsdp_reason: ClassVar[str] = ("its PHM rule matrices are one parameter shared by the adapter sites of every "
+                                  "block, and FSDP2 shards a parameter with one block's group only")
 
     def __post_init__(self) -> None:
         super().__post_init__()

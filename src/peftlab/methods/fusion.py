@@ -112,6 +112,16 @@ class Fusion(Method):
     def members(self) -> dict[str, AdapterMethod]:
         return {n: member_method(n, cfg) for n, cfg in self.adapters.items()}
 
+    @property
+    def fsdp_compatible(self) -> bool:  # type: ignore[override]
+        """A fusion shards under FSDP2 when every member does (``Method.fsdp_compatible``)."""
+        return all(m.fsdp_compatible for m in self.members().values())
+
+    @property
+    def fsdp_reason(self) -> str:  # type: ignore[override]
+        return "; ".join(f"member {n!r} ({m.method_name}): {m.fsdp_reason}"
+                         for n, m in self.members().items() if not m.fsdp_compatible)
+
     def attach(self, model: nn.Module, name: str) -> None:
         members = self.members()
         if not members:

@@ -1,0 +1,1 @@
+"""Bridges to other training loops (``peftlab.integrations.hf``: transformers' Trainer and TRL)."""
