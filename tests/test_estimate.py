@@ -363,3 +363,48 @@ def test_cuda_attention_dispatch_follows_pytorch_sdpa():
     scores = 30 * 4 * 9 * 512 * 512 * 4  # layers x batch x heads x s^2 x fp32 softmax
     assert fp32.details["activations: attention scores s^2 (in layers)"] == scores
     assert bf16.details["activations: attention scores s^2 (in layers)"] == 0
+
+
+def _saved_activation_bytes(model: torch.nn.Module, batch: int, seq: int, head: str) -> int:
+    """Bytes autograd saves for backward in one real training forward (parameters excluded)."""
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone() if head == "causal-lm" else torch.randint(0, 2, (batch,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=labels)
+    return sum(seen.values())
+
+
+# Known gaps, measured at this tiny scale, where batch-independent terms weigh most: an
+# over-estimate (the safe direction) not explained yet, and two under-estimates of input-side
+# methods (P-tuning's LSTM prompt encoder states and prefix keys expanded to every query head
+# are not modelled: 0.89 and 0.93). Every other case is held to [0.97, 1.25].
+_LOOSE = {("compacter", "tiny-llama"): (0.97, 3.2), ("p_tuning", "tiny-bert"): (0.88, 1.25),
+          ("prefix_tuning", "tiny-llama"): (0.92, 1.25)}
+
+
+@pytest.mark.parametrize(("method", "model_name"), [c for c in _cases() if c[0] != "fusion"])
+def test_predicted_activations_match_what_autograd_saves(method: str, model_name: str) -> None:
+    """The activation term against the tensors autograd really keeps, for every registered method:
+    never more than 3% under (an under-estimate is the costly error), at most 25% over."""
+    torch.manual_seed(0)
+    real = TINY[model_name]()
+    options = METHOD_EXAMPLES[method][model_name] if method != "full" else {}
+    if method != "full":
+        peftlab.attach(real, method, **options)
+    else:
+        real.requires_grad_(True)
+    saved = _saved_activation_bytes(real, 2, 56, HEADS[model_name])
+    e = estimate(resolve(real.config, HEADS[model_name]), method, options or None, batch=2, seq=56, dtype="fp32",
+                 mixed_precision=False, device="cpu")
+    low, high = _LOOSE.get((method, model_name), (0.97, 1.25))
+    assert low <= e.activations / saved <= high, (e.activations, saved)

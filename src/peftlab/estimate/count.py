@@ -266,7 +266,17 @@ class _SDPA(TorchFunctionMode):
             # no module call shows it, yet its input is saved for the weight's gradient.
             if isinstance(w, torch.Tensor) and w.requires_grad and not isinstance(w, nn.Parameter):
                 self.probe.on_derived_linear(args[0], w)
+        elif func in _MATMULS and len(args) >= 2:
+            # ``x @ W`` with a trainable 2-D ``W`` (FLoRA's factors and core, LoRA on embeddings):
+            # the activation ``x`` is saved for ``W``'s gradient, as with a linear layer.
+            x, w = args[0], args[1]
+            if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.requires_grad and w.dim() == 2
+                    and x.dim() >= 2 and x.shape[-1] == w.shape[0] and self.probe.tokens(x) >= PROBE_TOKENS):
+                self.probe.on_derived_linear(x, w.T)
         return out
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
 
 
 @dataclass
@@ -369,16 +379,17 @@ class _Probe:
             self.block_ends[self.block] = self.calls
         self.block = None
 
-    def _tokens(self, x: torch.Tensor) -> int:
+    def tokens(self, x: torch.Tensor) -> int:
+        """Token positions of an activation (every dimension but the last)."""
         return x.numel() // max(1, x.shape[-1])
 
     def _site(self, call: int, block: int | None, kind: str, x: torch.Tensor, count: float, nbytes: str | int,
               label: str) -> None:
-        tokens = self._tokens(x)
+        tokens = self.tokens(x)
         self.sites.append((call, Site(block, kind, int(x.shape[-1]), count, nbytes, tokens >= PROBE_TOKENS, label)))
 
     def on_derived_linear(self, x: torch.Tensor, w: torch.Tensor) -> None:
-        """``F.linear(x, w)`` with a trainable ``w`` that is not a module's parameter."""
+        """``F.linear(x, w)`` with a trainable ``w`` that is not a module's parameter (or ``x @ w.T``)."""
         if not x.is_floating_point() or x.dim() == 0:
             return
         self.calls += 1
@@ -387,7 +398,7 @@ class _Probe:
         self.keep.append(x)
         g = self.groups.get(id(x))
         if g is None:
-            g = _Group(self.block, int(x.shape[-1]), self._tokens(x), x.element_size(), x.dtype, self.calls)
+            g = _Group(self.block, int(x.shape[-1]), self.tokens(x), x.element_size(), x.dtype, self.calls)
             self.groups[id(x)] = g
         g.members.append(("<derived weight>", int(w.shape[0]), True, w.numel()))
 
@@ -395,7 +406,7 @@ class _Probe:
         self.keep.append(x)
         g = self.groups.get(id(x))
         if g is None:
-            g = _Group(block, int(x.shape[-1]), self._tokens(x), x.element_size(), x.dtype, call)
+            g = _Group(block, int(x.shape[-1]), self.tokens(x), x.element_size(), x.dtype, call)
             g.after_attention = self.last_sdpa_block is not None and self.last_sdpa_block == block
             self.groups[id(x)] = g
         self.last_sdpa_block = None
