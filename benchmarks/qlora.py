@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import datetime as _dt
 import gc
@@ -174,8 +175,9 @@ def weight_memory(model_name: str) -> dict[str, Any]:
 
     out["fp32_bytes"] = size(model)
     out["bf16_bytes"] = size(model.to(torch.bfloat16))
+    bf16 = model  # cast in place above
     for label, dq in (("nf4", False), ("nf4_dq", True)):
-        m = _load(model_name).to(torch.bfloat16)
+        m = copy.deepcopy(bf16)
         t0 = time.perf_counter()
         quant.quantize(m, double_quant=dq, backend="torch")
         out[f"{label}_quantize_s"] = time.perf_counter() - t0
