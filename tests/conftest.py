@@ -23,6 +23,11 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
                       "modules_to_save": ["classifier"]},
         "tiny-gpt2": {"r": 4, "target_modules": ["c_attn", "c_fc"], "rslora": True},
     },
+    "qlora": {  # the reference base is the quantized one (Method.prepare_base); GPT-2's Conv1D is not quantized
+        "tiny-llama": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"r": 4, "target_modules": ["query", "value"], "blocksize": 32, "bias": "lora_only",
+                      "modules_to_save": ["classifier"], "quantize_also": ["intermediate.dense"]},
+    },
     "dylora": {
         "tiny-llama": {"r_max": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
         "tiny-bert": {"r_max": 4, "rank": 3, "target_modules": ["query", "value", "word_embeddings"],

@@ -19,6 +19,11 @@ CASES = cases()
 IDS = [f"{m}-{model}" for m, model in CASES]
 
 
+def reference(method: str, model_name: str, seed: int = 0):
+    """The base model as the method's adapters see it (``Method.prepare_base``: QLoRA's quantized base)."""
+    return peftlab.get_method(method, **METHOD_EXAMPLES[method][model_name]).prepare_base(TINY[model_name](seed))
+
+
 def build(method: str, model_name: str, seed: int = 0):
     model = TINY[model_name](seed)
     peftlab.attach(model, method, **METHOD_EXAMPLES[method][model_name])
@@ -44,7 +49,7 @@ def test_only_adapter_parameters_train(method, model_name):
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_base_keys_unchanged(method, model_name):
-    base = TINY[model_name](0)
+    base = reference(method, model_name)
     ref = base.state_dict()
     model = build(method, model_name)
     sd = model.state_dict()
@@ -61,7 +66,7 @@ def test_base_keys_unchanged(method, model_name):
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_identity_at_init(method, model_name):
     x = batch(model=model_name)
-    base = out(TINY[model_name](0), x)
+    base = out(reference(method, model_name), x)
     model = build(method, model_name)
     if not method_class(method).identity_at_init:
         pytest.skip(f"{method} does not claim identity at init")
@@ -71,7 +76,7 @@ def test_identity_at_init(method, model_name):
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_disabled_and_detach_give_exact_base(method, model_name):
     x = batch(model=model_name)
-    base_model = TINY[model_name](0)
+    base_model = reference(method, model_name)
     base = out(base_model, x)
     model = build(method, model_name)
     perturb(peftlab.adapter_parameters(model, "default"))
@@ -192,7 +197,7 @@ def test_two_named_adapters(method, model_name):
     if not method_class(method).multi_adapter:
         pytest.skip(f"{method} keeps one adapter per model")
     x = batch(model=model_name)
-    base = out(TINY[model_name](0), x)
+    base = out(reference(method, model_name), x)
     model = build(method, model_name)
     perturb(peftlab.adapter_parameters(model, "default"), seed=1)
     a = out(model, x)

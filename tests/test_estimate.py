@@ -59,7 +59,8 @@ def test_meta_counts_equal_real_counts(method: str, model_name: str) -> None:
     assert got == expected
     trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert c.trainable == trainable
-    assert c.total == sum(p.numel() for p in real.parameters())
+    stored = sum(m.stored_parameters() for m in real.modules() if hasattr(m, "stored_parameters"))  # quantized
+    assert c.total == sum(p.numel() for p in real.parameters()) + stored
     e = estimate(source, method, options or None, dtype="fp32", mixed_precision=False)
     assert e.params["trainable"] == trainable
     assert e.gradients == 4 * trainable  # fp32 gradients of exactly the trainable tensors

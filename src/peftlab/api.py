@@ -173,7 +173,9 @@ def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True
         raise AdapterStateError(f"adapters {inactive} are not active; peftlab.use them before merging")
     for n in names:
         if not reg.adapters[n].method.mergeable:
-            raise AdapterStateError(f"adapter {n!r} ({reg.adapters[n].method.method_name}) cannot be merged")
+            m = reg.adapters[n].method
+            raise AdapterStateError(f"adapter {n!r} ({m.method_name}) cannot be merged"
+                                    + (f"; {m.merge_hint}" if m.merge_hint else ""))
     if safe:
         for n in names:
             method = reg.adapters[n].method

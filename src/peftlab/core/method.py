@@ -123,6 +123,8 @@ class Method:
     ddp_find_unused_parameters: ClassVar[bool] = False
     """Whether some trainable parameters may get no gradient in a training step (DDP then has to
     look for them: ``find_unused_parameters=True``, one extra graph walk per step)."""
+    merge_hint: ClassVar[str] = ""
+    """What to do instead, appended to the error when a non-mergeable method is merged."""
 
     saves_trainable_parameters: ClassVar[bool] = True
     """Whether the file holds the trainable parameters themselves. False where it holds a form
@@ -144,6 +146,16 @@ class Method:
         return 0
 
     # ----------------------------------------------------------------------------- life cycle
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        """Change the base model itself the way this method needs, in place, and return it.
+
+        The default changes nothing. QLoRA quantizes the frozen weights it targets: a lossy
+        change that belongs to the base and stays after ``detach``. :meth:`attach` calls it; the
+        contract suite calls it on a fresh base to get the reference the adapter must equal at
+        init, when disabled and after detach. It must be idempotent.
+        """
+        return model
+
     def attach(self, model: nn.Module, name: str) -> None:
         """Add adapter ``name`` to ``model`` in place. Shared code has already frozen the base,
         validated ``name`` and set up ``modules_to_save``; the method adds its own parameters

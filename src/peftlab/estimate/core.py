@@ -316,6 +316,19 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
                               "lora on the quantized model, or drop quantize")
         const_bits = NF4_DOUBLE_QUANT_BITS if st["double_quant"] else NF4_CONSTANT_BITS
         constants = sum(t.numel for t in quantized) * const_bits / 8
+    if c.quantized:  # the method quantized the base itself (QLoRA): counted from its modules
+        if st["quantize"]:
+            raise ConfigError(f"{c.method} already stores its base weights quantized (counted from the real attach); "
+                              "drop quantize")
+        kinds = sorted({q[0] for q in c.quantized})
+        const_counted = sum(q[3] for q in c.quantized)
+        constants = float(const_counted)
+        details[f"weights: {len(c.quantized)} quantized weights ({', '.join(kinds)}, counted)"] = sum(
+            q[2] for q in c.quantized)
+        details["quantization constants: counted (absmax codes, scales, offsets)"] = constants
+        notes.append(f"{c.method} stores {sum(q[1] for q in c.quantized):,} base weights quantized "
+                     f"({(sum(q[2] for q in c.quantized) + const_counted) / sum(q[1] for q in c.quantized):.4f} "
+                     "bytes per weight, counted from the real attach on meta)")
     qset = {t.key for t in quantized}
     base_w = sum(t.bytes for t in c.tensors if not t.adapter and t.key not in qset)
     adapter_w = sum(t.bytes for t in c.tensors if t.adapter)
@@ -329,7 +342,7 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
                      "computed in 16 bits one layer at a time; peftlab does not quantize models itself")
     details["weights: adapter tensors"] = adapter_w
     details["weights: buffers"] = c.buffers_bytes
-    weights = base_w + adapter_w + quant_w + c.buffers_bytes
+    weights = base_w + adapter_w + quant_w + c.buffers_bytes + sum(q[2] for q in c.quantized)
 
     trainable = [t for t in c.tensors if t.trainable] if train else []
     # ------------------------------------------------------------------ gradients (counted)
@@ -421,8 +434,8 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
         details["overhead: loss-gradient buffers at the start of backward (fp32)"] = loss_transient
         details["overhead: optimizer-step temporaries"] = step_temp
         transient = max(loss_transient, step_temp - activations, 0.0)
-    if quantized:
-        dequant = e * c.structure.max_linear
+    if quantized or c.quantized:
+        dequant = e * (max(q[1] for q in c.quantized) if c.quantized else c.structure.max_linear)
         details["overhead: one dequantized weight"] = dequant
         transient += dequant
     overhead = runtime + transient + gather

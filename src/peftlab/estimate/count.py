@@ -145,6 +145,9 @@ class Counts:
     structure: Structure
     block_params: tuple[int, ...] = field(default=())
     """Bytes of each block's parameters (what ZeRO-3/FSDP gathers for one layer)."""
+    quantized: tuple[tuple[str, int, int, int], ...] = field(default=())
+    """Weights the attach itself quantized (QLoRA): (kind, weights, code bytes, constant bytes) per
+    module, from the modules' ``quant_info()``; their buffers are not in ``buffers_bytes``."""
 
 
 _CACHE: dict[tuple, Counts] = {}
@@ -204,15 +207,17 @@ def _count(source: ModelSource, name: str, method_obj: Any, dtype: torch.dtype) 
     tensors = tuple(TensorInfo(k, tuple(p.shape), p.element_size(), p.is_floating_point(), p.requires_grad,
                                id(p) in adapter_ids, id(p) in linear and id(p) not in adapter_ids)
                     for k, p in params)
+    quantized = tuple((i.kind, i.numel, i.code_bytes, i.constant_bytes)
+                      for i in (m.quant_info() for m in model.modules() if callable(getattr(m, "quant_info", None))))
     buffers = {id(b): b for b in model.buffers()}
-    buffers_bytes = sum(b.numel() * b.element_size() for b in buffers.values())
+    buffers_bytes = sum(b.numel() * b.element_size() for b in buffers.values()) - sum(q[2] + q[3] for q in quantized)
     arch = arch_of(model.config)
     blocks_path, blocks = _blocks(model, arch.layers)
     block_params = tuple(sum(p.numel() * p.element_size() for p in {id(q): q for q in b.parameters()}.values())
                          for b in blocks)
     structure = _probe(model, blocks_path, blocks, source.head, method_obj)
     return Counts(name, method_obj.options() if method_obj is not None else {}, method_obj, tensors, buffers_bytes,
-                  total, base, trainable, arch, structure, block_params)
+                  total, base, trainable, arch, structure, block_params, quantized)
 
 
 def _base_keys(model: nn.Module) -> list[str]:
