@@ -117,6 +117,12 @@ class Method:
     derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,
     as peft does, so loading needs no encoder)."""
 
+    trains_base_weights: ClassVar[bool] = False
+    """Whether the method trains the base model's own weights in full, in place and without a copy
+    of the originals (full-parameter training with its own optimizer: GaLore). Its tensors are
+    then the base weights: ``peftlab.disabled`` and ``detach`` refuse (there is no base to go back
+    to), up to 100 % of the base trains, and its saved file is the full trained model."""
+
     # ----------------------------------------------------------------------------- sizing
     def extra_sequence_tokens(self) -> int:
         """Positions the method adds to every input sequence (prompt tuning's virtual tokens).
@@ -130,6 +136,13 @@ class Method:
         """Key/value positions the method adds to every attention layer without adding queries
         (prefix tuning's prefixes). Default 0; ``peftlab.estimate`` lengthens the keys by this."""
         return 0
+
+    def optimizer_state_elements(self, model: nn.Module, name: str) -> dict[str, tuple[int, int]] | None:
+        """The state of the optimizer the method brings (``make_optimizer``), for the memory
+        estimator: ``{trainable key: (elements kept in the state dtype, fixed bytes)}`` on the
+        attached model (meta device). Default None: the method brings no optimizer and the
+        estimator's ``optimizer`` setting applies."""
+        return None
 
     # ----------------------------------------------------------------------------- life cycle
     def attach(self, model: nn.Module, name: str) -> None:

@@ -4,3 +4,4 @@ from peftlab.methods import bitfit, lora  # noqa: F401
 from peftlab.methods import p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
 from peftlab.methods import bottleneck, compacter, fusion  # noqa: F401
 from peftlab.methods import dylora, flora  # noqa: F401
+from peftlab.methods import galore  # noqa: F401
