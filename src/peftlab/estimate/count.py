@@ -145,6 +145,9 @@ class Counts:
     structure: Structure
     block_params: tuple[int, ...] = field(default=())
     """Bytes of each block's parameters (what ZeRO-3/FSDP gathers for one layer)."""
+    optimizer_state: dict[str, tuple[int, int]] | None = None
+    """State of the optimizer the method brings, from ``Method.optimizer_state_elements``:
+    ``{trainable key: (elements in the state dtype, fixed bytes)}``; None: it brings none."""
 
 
 _CACHE: dict[tuple, Counts] = {}
@@ -211,8 +214,9 @@ def _count(source: ModelSource, name: str, method_obj: Any, dtype: torch.dtype) 
     block_params = tuple(sum(p.numel() * p.element_size() for p in {id(q): q for q in b.parameters()}.values())
                          for b in blocks)
     structure = _probe(model, blocks_path, blocks, source.head, method_obj)
+    opt_state = method_obj.optimizer_state_elements(model, "default") if method_obj is not None else None
     return Counts(name, method_obj.options() if method_obj is not None else {}, method_obj, tensors, buffers_bytes,
-                  total, base, trainable, arch, structure, block_params)
+                  total, base, trainable, arch, structure, block_params, opt_state)
 
 
 def _base_keys(model: nn.Module) -> list[str]:
