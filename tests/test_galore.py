@@ -397,3 +397,4 @@ def test_estimator_counts_the_real_optimizer_state(eight_bit):
     assert e.optimizer == opt.state_bytes()
     adamw = estimate("tiny-llama", "full", dtype="fp32", mixed_precision=False, device="cpu")
     assert e.optimizer < adamw.optimizer
+
