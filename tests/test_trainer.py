@@ -249,7 +249,7 @@ def test_method_optimizer_hook_is_used(tok, tweets):
     object.__setattr__(method, "make_optimizer", make_optimizer)  # what a method like GaLore defines
     before = trainable(model)
     train(model, tok, tweets, TrainConfig(steps=2, **{**SMALL, "eval_every": 0}))
-    assert made["args"] == (model, SMALL["lr"], 0.01, 1)
+    assert made["args"] == (model, SMALL["lr"], 0.01, SMALL["grad_accum"])
     assert any(not torch.equal(before[n], p) for n, p in trainable(model).items())
 
 

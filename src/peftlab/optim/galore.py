@@ -60,6 +60,8 @@ DEFAULT_TARGETS: tuple[str, ...] = (r".*attn.*", r".*mlp.*", r".*attention.*", r
 BERT (``attention``, ``intermediate``, ``output``); full-matched regular expressions."""
 BLOCK = 256
 """Elements per quantization block of the 8-bit moments (one fp32 absmax each)."""
+CHUNK = BLOCK * 4096
+"""Elements of 8-bit moments dequantized at a time in a step (bounds the step's temporaries)."""
 MIN_8BIT_SIZE = 4096
 """Moment tensors smaller than this stay in the parameter's dtype (as bitsandbytes does)."""
 QUANTIZERS = ("auto", "blockwise", "bitsandbytes")
@@ -187,7 +189,8 @@ def _bnb_code(signed: bool, device: torch.device) -> torch.Tensor:
 def quantize_bnb(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' block-wise dynamic 8-bit quantization (``quantize_blockwise``)."""
     bnbf = _bnb()
-    codes, qstate = bnbf.quantize_blockwise(x.float().contiguous(), code=_bnb_code(signed, x.device), blocksize=BLOCK)
+    codes, qstate = bnbf.quantize_blockwise(x.float().reshape(-1).contiguous(), code=_bnb_code(signed, x.device),
+                                            blocksize=BLOCK)
     return codes, qstate.absmax.float()
 
 
@@ -368,9 +371,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state["right"] = m > n  # a bool, not a string: load_state_dict re-creates iterables
             shape = (state["rank"], n) if m <= n else (m, state["rank"])
         zeros = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        if self._quantized(zeros):
+        if self._quantized(zeros):  # flat codes, one fp32 absmax per block
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                state[f"{name}_q"], state[f"{name}_absmax"] = self._quantize(zeros, signed)
+                state[f"{name}_q"], state[f"{name}_absmax"] = self._quantize(zeros.reshape(-1), signed)
         else:
             state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
 
@@ -387,22 +390,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _adam(self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         """The Adam direction ``m_hat / (sqrt(v_hat) + eps)`` for gradient ``g``, moments updated."""
-        beta1, beta2 = group["betas"]
-        quantized = "exp_avg_q" in state
-        if quantized:
-            m = self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], g, True)
-            v = self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], g, False)
-        else:
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        t = state["step"]
-        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-        direction = (m / bc1).div_(denom)
-        if quantized:
-            state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(m, True)
-            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(v, False)
+        if "exp_avg_q" not in state:
+            return _adam_direction(g, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+        # 8-bit: dequantize, update and re-quantize a chunk of whole blocks at a time, so the
+        # full-precision moments of a large tensor (an embedding) never exist at once
+        direction = torch.empty_like(g)
+        flat_g, flat_d = g.reshape(-1), direction.view(-1)
+        for start in range(0, flat_g.numel(), CHUNK):
+            gc = flat_g[start:start + CHUNK]
+            codes = slice(start, start + gc.numel())
+            blocks = slice(start // BLOCK, math.ceil((start + gc.numel()) / BLOCK))
+            m = self._dequantize(state["exp_avg_q"][codes], state["exp_avg_absmax"][blocks], gc, True)
+            v = self._dequantize(state["exp_avg_sq_q"][codes], state["exp_avg_sq_absmax"][blocks], gc, False)
+            flat_d[codes] = _adam_direction(gc, m, v, state["step"], group)
+            for key, moment, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+                q, absmax = self._quantize(moment, signed)
+                state[f"{key}_q"][codes] = q
+                state[f"{key}_absmax"][blocks] = absmax
         return direction
 
     # ------------------------------------------------------------------ state
@@ -461,6 +465,17 @@ def check_layerwise(layerwise: bool, *, grad_accum: int = 1, distributed: bool =
     if layerwise and distributed:
         raise ConfigError("galore: layerwise=True steps each parameter before data-parallel gradients are averaged "
                           "across processes; use layerwise=False with DDP")
+
+
+def _adam_direction(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, group: dict[str, Any]) -> torch.Tensor:
+    """Update the moments ``m``, ``v`` in place with ``g`` (step ``t``, 1-based) and return
+    ``m_hat / (sqrt(v_hat) + eps)`` with torch.optim.AdamW's rounding order."""
+    beta1, beta2 = group["betas"]
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    denom = (v.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+    return (m / bc1).div_(denom)
 
 
 def _projector(grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
