@@ -398,3 +398,17 @@ def test_estimator_counts_the_real_optimizer_state(eight_bit):
     adamw = estimate("tiny-llama", "full", dtype="fp32", mixed_precision=False, device="cpu")
     assert e.optimizer < adamw.optimizer
 
+
+
+def test_eight_bit_moments_larger_than_one_chunk():
+    """A moment above G.CHUNK elements is initialised and updated chunk by chunk, like one piece."""
+    shape = (1030, 1030)
+    assert math.prod(shape) > G.CHUNK
+    gs = grads(shape, 2, seed=7)
+    lr = 1e-3
+    a, b = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
+    full = run(GaLoreAdamW([a], lr=lr), a, gs)
+    low = run(GaLoreAdamW([b], lr=lr, eight_bit=True, quantizer="blockwise"), b, gs)
+    torch.testing.assert_close(low[0], full[0], rtol=0, atol=1e-7)  # step 1 starts from exact zero moments
+    diff = (low[1] - full[1]).abs()
+    assert diff.max() < 0.5 * lr and diff.mean() < 0.01 * lr and not torch.equal(low[1], full[1])

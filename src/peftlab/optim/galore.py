@@ -370,15 +370,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state["rank"] = min(int(group["rank"]), m, n)
             state["right"] = m > n  # a bool, not a string: load_state_dict re-creates iterables
             shape = (state["rank"], n) if m <= n else (m, state["rank"])
-        zeros = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        if self._quantized(zeros):  # flat codes, one fp32 absmax per block
+        numel = math.prod(shape)
+        if self.eight_bit and numel >= MIN_8BIT_SIZE:  # flat codes, one fp32 absmax per block
+            chunk = torch.zeros(min(numel, CHUNK), dtype=p.dtype, device=p.device)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                state[f"{name}_q"], state[f"{name}_absmax"] = self._quantize(zeros.reshape(-1), signed)
+                codes, absmax = self._quantize(chunk, signed)  # zeros: every block has the same codes
+                state[f"{name}_q"] = codes.repeat(math.ceil(numel / codes.numel()))[:numel].clone()
+                state[f"{name}_absmax"] = absmax[:1].repeat(math.ceil(numel / BLOCK))
         else:
+            zeros = torch.zeros(shape, dtype=p.dtype, device=p.device)
             state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-
-    def _quantized(self, moment: torch.Tensor) -> bool:
-        return self.eight_bit and moment.numel() >= MIN_8BIT_SIZE
 
     def _quantize(self, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_bnb(x, signed) if self.quantizer == "bitsandbytes" else quantize_blockwise(x, signed)
