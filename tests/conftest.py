@@ -85,6 +85,10 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-gpt2": {"adapters": {"a": {"method": "houlsby"}, "b": {"method": "houlsby", "layer_norm": True}},
                       "train_adapters": True},
     },
+    "galore": {  # full-parameter training: every base tensor trains in place (trains_base_weights)
+        "tiny-llama": {"rank": 8, "update_proj_gap": 2, "target_modules": [r".*attn.*", r".*mlp.*"]},
+        "tiny-bert": {"rank": 4, "eight_bit": True, "modules_to_save": ["classifier"]},
+    },
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -19,11 +20,19 @@ def test_applicability_is_decided_by_attaching():
 
 def test_bench_smoke_two_methods(tmp_path):
     run_dir = tmp_path / "run"
-    rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir))
-    assert {(r["method"], r["impl"]) for r in rows} == {("full", "peftlab"), ("lora", "peftlab")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # galore's default rank is clamped on a width-32 model
+        rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "galore"], profile="smoke",
+                               run_dir=run_dir))
+    assert {(r["method"], r["impl"]) for r in rows} == {("full", "peftlab"), ("lora", "peftlab"), ("galore", "peftlab")}
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     parsed = [json.loads(x) for x in lines]
-    assert len(parsed) == 2 and all("error" not in r for r in parsed)
+    assert len(parsed) == 3 and all("error" not in r for r in parsed), [r.get("error") for r in parsed]
+    # galore (full-parameter, GaLore optimizer) trains what full fine-tuning trains and saves the full model
+    by = {r["method"]: r for r in parsed}
+    assert by["galore"]["trainable"] == by["full"]["trainable"] and by["galore"]["percent"] == 100.0
+    assert 0.95 < by["galore"]["checkpoint_bytes"] / by["full"]["checkpoint_bytes"] < 1.1
+    assert by["galore"]["latency_ms_b1_merged"] > 0
     for r in parsed:
         for key in ("trainable", "percent", "seconds_per_step", "tokens_per_second", "peak_train_rss", "score",
                     "latency_ms_b1", "checkpoint_bytes", "peak_infer_rss", "env"):
@@ -41,9 +50,9 @@ def test_bench_smoke_two_methods(tmp_path):
     # an existing run directory is refused without --resume/--overwrite; --resume skips finished work
     with pytest.raises(ValueError, match="--resume"):
         run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir))
-    again = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir,
-                            resume=True))
-    assert len(again) == 2
+    again = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "galore"], profile="smoke",
+                            run_dir=run_dir, resume=True))
+    assert len(again) == 3
 
 
 def test_unknown_names_list_known_ones(tmp_path):

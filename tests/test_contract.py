@@ -44,7 +44,15 @@ def test_only_adapter_parameters_train(method, model_name):
     assert trainable == owned
     s = peftlab.summary(model)
     assert s.trainable == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    assert 0 < s.percent < 100
+    if method_class(method).trains_base_weights:  # full-parameter training: the base trains itself
+        from peftlab.core.slots import copy_layers
+
+        copied = [path for path, _ in copy_layers(model)]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        assert 0 < s.percent <= 100
+        assert all(any(n.startswith(c + ".") for c in copied) for n in frozen), "only copied modules stay frozen"
+    else:
+        assert 0 < s.percent < 100
 
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
@@ -82,6 +90,13 @@ def test_disabled_and_detach_give_exact_base(method, model_name):
     perturb(peftlab.adapter_parameters(model, "default"))
     adapted = out(model, x)
     assert not torch.allclose(adapted, base), "a perturbed adapter must change the output"
+    if method_class(method).trains_base_weights:  # no copy of the base is kept: both refuse, nothing changes
+        with pytest.raises(peftlab.AdapterStateError, match="without"), peftlab.disabled(model):
+            pass
+        with pytest.raises(peftlab.AdapterStateError, match="without a copy"):
+            peftlab.detach(model)
+        torch.testing.assert_close(out(model, x), adapted, rtol=0, atol=0)
+        return
     with peftlab.disabled(model):
         torch.testing.assert_close(out(model, x), base, rtol=0, atol=0)
     torch.testing.assert_close(out(model, x), adapted, rtol=0, atol=0)
@@ -151,7 +166,8 @@ def test_merged_equals_unmerged(method, model_name, dtype):
 def test_one_step_changes_only_adapter(method, model_name):
     model = build(method, model_name).train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    owned = set(peftlab.adapter_parameters(model, "default"))
+    tensors = {t.data_ptr() for t in peftlab.adapter_parameters(model, "default").values()}
+    owned = {k for k, v in model.state_dict().items() if v.data_ptr() in tensors}  # tied keys too
     perturb(peftlab.adapter_parameters(model, "default"), scale=0.01)  # let every gradient flow
     after_perturb = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -242,14 +242,14 @@ def test_method_optimizer_hook_is_used(tok, tweets):
     method = peftlab.adapters(model)["default"]
     made = {}
 
-    def make_optimizer(m, *, lr, weight_decay):
-        made["args"] = (m, lr, weight_decay)
+    def make_optimizer(m, *, lr, weight_decay, grad_accum):
+        made["args"] = (m, lr, weight_decay, grad_accum)
         return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
 
     object.__setattr__(method, "make_optimizer", make_optimizer)  # what a method like GaLore defines
     before = trainable(model)
     train(model, tok, tweets, TrainConfig(steps=2, **{**SMALL, "eval_every": 0}))
-    assert made["args"] == (model, SMALL["lr"], 0.01)
+    assert made["args"] == (model, SMALL["lr"], 0.01, SMALL["grad_accum"])
     assert any(not torch.equal(before[n], p) for n, p in trainable(model).items())
 
 

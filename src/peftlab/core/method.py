@@ -131,6 +131,12 @@ class Method:
     derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,
     as peft does, so loading needs no encoder)."""
 
+    trains_base_weights: ClassVar[bool] = False
+    """Whether the method trains the base model's own weights in full, in place and without a copy
+    of the originals (full-parameter training with its own optimizer: GaLore). Its tensors are
+    then the base weights: ``peftlab.disabled`` and ``detach`` refuse (there is no base to go back
+    to), up to 100 % of the base trains, and its saved file is the full trained model."""
+
     # ----------------------------------------------------------------------------- sizing
     def extra_sequence_tokens(self) -> int:
         """Positions the method adds to every input sequence (prompt tuning's virtual tokens).
@@ -144,6 +150,21 @@ class Method:
         """Key/value positions the method adds to every attention layer without adding queries
         (prefix tuning's prefixes). Default 0; ``peftlab.estimate`` lengthens the keys by this."""
         return 0
+
+    def make_optimizer(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                       grad_accum: int = 1) -> torch.optim.Optimizer | None:
+        """The optimizer this method trains with, over ``model``'s trainable tensors, or None
+        (the default) for the trainer's own AdamW. The lab trainer asks every attached adapter;
+        at most one may answer. A method refuses settings its optimizer cannot follow here
+        (layer-wise GaLore with ``grad_accum > 1``)."""
+        return None
+
+    def optimizer_state_elements(self, model: nn.Module, name: str) -> dict[str, tuple[int, int]] | None:
+        """The state of the optimizer the method brings (``make_optimizer``), for the memory
+        estimator: ``{trainable key: (elements kept in the state dtype, fixed bytes)}`` on the
+        attached model (meta device). Default None: the method brings no optimizer and the
+        estimator's ``optimizer`` setting applies."""
+        return None
 
     # ----------------------------------------------------------------------------- life cycle
     def prepare_base(self, model: nn.Module) -> nn.Module:

@@ -189,3 +189,34 @@ def _close_names(entry: str, candidates: list[tuple[str, nn.Module]]) -> str:
     shown = close or leaves[:12]
     label = "Close names" if close else "Module names include"
     return f" {label}: {', '.join(shown)}."
+
+
+def regex_select(model: nn.Module, patterns: Sequence[str], *, supported: tuple[type, ...], what: str) -> list[str]:
+    """Paths of the modules of a ``supported`` type whose path full-matches any of ``patterns``.
+
+    Unlike :func:`select`, a pattern that matches nothing is fine as long as one pattern matches:
+    regex target lists such as GaLore's defaults cover several architectures at once.
+
+    Raises:
+        TargetError: ``patterns`` is empty, a pattern is not a regular expression, or no
+            module of a supported type matches any of them (the message lists the module names
+            of that type).
+    """
+    entries = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not entries:
+        raise TargetError(f"{what}: the target list is empty; give regular expressions such as '.*attn.*'")
+    compiled = []
+    for entry in entries:
+        try:
+            compiled.append(re.compile(entry))
+        except (re.error, TypeError) as e:
+            raise TargetError(f"{what}: target {entry!r} is not a regular expression ({e})") from None
+    typed = [(p, m) for p, m in candidate_modules(model) if isinstance(m, supported)]
+    out = [p for p, _ in typed if any(c.fullmatch(p) for c in compiled)]
+    if not out:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in typed})
+        kinds = ", ".join(t.__name__ for t in supported)
+        raise TargetError(f"{what}: the targets {entries} (full-matched regular expressions) match no {kinds} "
+                          f"of {type(model).__name__}; its {kinds} modules are named "
+                          f"{', '.join(names[:12]) or '(none)'} (e.g. {typed[0][0] if typed else '-'})")
+    return out

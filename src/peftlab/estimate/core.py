@@ -348,8 +348,13 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
     # ------------------------------------------------------------------ gradients (counted)
     gradients = float(sum(t.bytes for t in trainable))
     # ------------------------------------------------------------------ optimizer (counted per tensor)
-    master, moments, step_temp = _optimizer(trainable, st["optimizer"], mixed, st["device"], st["galore_rank"])
-    if st["optimizer"] == "galore":
+    if c.optimizer_state is not None:  # the method brings its own optimizer (Method.optimizer_state_elements)
+        master, moments, step_temp = _method_optimizer(trainable, c.optimizer_state, mixed, st["device"])
+        notes.append(f"{c.method} brings its own optimizer; its state is counted from the method's layout and the "
+                     f"optimizer setting ({st['optimizer']}) does not apply")
+    else:
+        master, moments, step_temp = _optimizer(trainable, st["optimizer"], mixed, st["device"], st["galore_rank"])
+    if st["optimizer"] == "galore" and c.optimizer_state is None:
         projected = sum(1 for t in trainable if _galore_projects(t, st["galore_rank"]))
         notes.append(f"modelled GaLore (Zhao et al. 2024), rank {st['galore_rank']}: AdamW moments of {projected} "
                      "linear weight(s) live in the projected space (2 r n) with an m x r projection each; gradients "
@@ -457,6 +462,24 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
 def _galore_projects(t: TensorInfo, rank: int) -> bool:
     """GaLore projects the gradients of linear weights whose smaller side exceeds the rank."""
     return t.linear and len(t.shape) == 2 and min(t.shape) > rank
+
+
+def _method_optimizer(trainable: list[TensorInfo], layout: dict[str, tuple[int, int]], mixed: bool,
+                      device: str) -> tuple[float, float, float]:
+    """``(fp32 master bytes, state bytes, step temporaries)`` for a method's own optimizer, whose
+    state per tensor is ``(elements in the state dtype, fixed bytes)``; the step makes one
+    full-size update per tensor, as AdamW does."""
+    master = states = 0.0
+    temps: list[float] = []
+    for t in trainable:
+        if mixed and t.elem < 4:
+            master += 4 * t.numel
+        sb = 4 if mixed else t.elem
+        elements, fixed = layout.get(t.key, (2 * t.numel, 0))
+        states += elements * sb + fixed
+        temps.append(t.numel * sb)
+    step = sum(temps) if device == "cuda" else 2 * max(temps, default=0.0)
+    return master, states, step
 
 
 def _optimizer(trainable: list[TensorInfo], name: str, mixed: bool, device: str,

@@ -148,6 +148,9 @@ class Counts:
     quantized: tuple[tuple[str, int, int, int], ...] = field(default=())
     """Weights the attach itself quantized (QLoRA): (kind, weights, code bytes, constant bytes) per
     module, from the modules' ``quant_info()``; their buffers are not in ``buffers_bytes``."""
+    optimizer_state: dict[str, tuple[int, int]] | None = None
+    """State of the optimizer the method brings, from ``Method.optimizer_state_elements``:
+    ``{trainable key: (elements in the state dtype, fixed bytes)}``; None: it brings none."""
 
 
 _CACHE: dict[tuple, Counts] = {}
@@ -216,8 +219,9 @@ def _count(source: ModelSource, name: str, method_obj: Any, dtype: torch.dtype) 
     block_params = tuple(sum(p.numel() * p.element_size() for p in {id(q): q for q in b.parameters()}.values())
                          for b in blocks)
     structure = _probe(model, blocks_path, blocks, source.head, method_obj)
+    opt_state = method_obj.optimizer_state_elements(model, "default") if method_obj is not None else None
     return Counts(name, method_obj.options() if method_obj is not None else {}, method_obj, tensors, buffers_bytes,
-                  total, base, trainable, arch, structure, block_params, quantized)
+                  total, base, trainable, arch, structure, block_params, quantized, opt_state)
 
 
 def _base_keys(model: nn.Module) -> list[str]:

@@ -11,7 +11,8 @@ What it does, in order, for each optimizer step:
    the step number and the seed (DyLoRA samples its rank there).
 2. Gradient clipping to ``max_grad_norm``, then the optimizer step: AdamW with weight decay on
    every trainable tensor but biases and norm weights (or the optimizer an attached method
-   offers through ``make_optimizer``), and the learning-rate schedule: linear warm-up over
+   offers through ``make_optimizer(model, lr=, weight_decay=, grad_accum=)``, e.g. GaLore,
+   which refuses settings it cannot follow), and the learning-rate schedule: linear warm-up over
    ``warmup_ratio`` of the steps, then cosine or linear decay to zero, or constant.
 3. Every ``eval_every`` steps and at the end: ``task.evaluate`` on the validation examples
    (validation loss and the task's metrics, next to the mean training loss since the previous
@@ -305,16 +306,16 @@ def _make_optimizer(model: nn.Module, named: dict[str, nn.Parameter], config: Tr
     """The optimizer an attached method offers (``make_optimizer``), else AdamW."""
     from peftlab.api import adapters
 
-    hooks = [(n, m) for n, m in adapters(model).items() if callable(getattr(m, "make_optimizer", None))]
-    if len(hooks) > 1:
-        raise ConfigError(f"adapters {[n for n, _ in hooks]} each bring their own optimizer; train one of them "
+    offered = {n: m.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                   grad_accum=config.grad_accum) for n, m in adapters(model).items()}
+    offered = {n: o for n, o in offered.items() if o is not None}
+    if len(offered) > 1:
+        raise ConfigError(f"adapters {sorted(offered)} each bring their own optimizer; train one of them "
                           "at a time (detach or freeze the others)")
-    if hooks:
-        name, method = hooks[0]
-        optimizer = method.make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    for name, optimizer in offered.items():
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"adapter {name!r} ({method.method_name}).make_optimizer returned "
-                              f"{type(optimizer).__name__}, not a torch.optim.Optimizer")
+            raise ConfigError(f"adapter {name!r}.make_optimizer returned {type(optimizer).__name__}, "
+                              "not a torch.optim.Optimizer")
         return optimizer
     decay = [p for n, p in named.items() if not _no_decay(n, p)]
     no_decay = [p for n, p in named.items() if _no_decay(n, p)]

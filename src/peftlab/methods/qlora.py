@@ -163,14 +163,11 @@ class QLoRA(LoRA):
         super().load_file_tensors(model, name, values)
 
     # ------------------------------------------------------------------------------- optimizer
-    @property
-    def make_optimizer(self) -> Any:
-        """The lab's optimizer hook: None for plain AdamW (the lab's default), else a factory."""
+    def make_optimizer(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                       grad_accum: int = 1) -> torch.optim.Optimizer | None:
+        """None for plain AdamW (the trainer's default), else the chosen 8-bit AdamW."""
         if self.optimizer == "adamw":
             return None
-        return self._make_optimizer
-
-    def _make_optimizer(self, model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         from peftlab.optim import AdamW8bit, paged_adamw8bit
 
         params = [p for p in model.parameters() if p.requires_grad]
