@@ -3,8 +3,8 @@
 Trains tiny-bert (dropout off, so one process and N processes compute the same thing) with one
 method on the tweets task through :func:`peftlab.lab.trainer.train`. Rank 0 writes
 ``history.json`` (the per-step loss), the adapter (``adapter/``) and the trained model's logits
-on a fixed batch (``logits.pt``); every rank writes ``rank-<r>.json`` (its rank, world size and
-the number of examples it saw).
+on a fixed batch (``logits.pt``); every rank writes ``rank-<r>.json`` (its rank, world size,
+the number of examples it saw and the bytes of quantized storage it holds).
 
 Arguments: OUT METHOD OPTIONS_JSON STRATEGY STEPS [GRAD_ACCUM [RESUME]]; METHOD ``full`` trains
 every parameter.
@@ -58,8 +58,12 @@ def main(argv: list[str]) -> int:
                              schedule="constant", eval_every=0, eval_examples=8, train_examples=40, max_length=24,
                              save_every=2, progress=False, strategy=strategy)
         result = train(model, tok, task, config, run_dir=out / "run", resume=resume)
+        from peftlab.quant import quantized_modules
+
+        quant_bytes = sum(distributed.local(t).numel() * t.element_size()  # this rank's share (FSDP2)
+                          for _, q in quantized_modules(model) for t in q.storage_tensors().values())
         (out / f"rank-{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "world": dist.world,
-                                                                "examples": seen["n"]}))
+                                                                "examples": seen["n"], "quant_bytes": quant_bytes}))
         model.eval()
         batch = tok(PROBE, padding=True, return_tensors="pt")
         with torch.no_grad():

@@ -117,6 +117,48 @@ def test_fsdp2_matches_one_process_and_its_adapter_loads(tmp_path, one_process):
     torch.testing.assert_close(fresh_logits(tmp_path / "adapter"), trained, rtol=0, atol=1e-6)
 
 
+QLORA = json.dumps({"r": 4, "target_modules": ["query", "value"], "quantize_also": ["all-linear"]})
+GALORE = json.dumps({"rank": 4, "update_proj_gap": 2, "target_modules": [r".*attention.*", r".*intermediate.*"]})
+
+
+@pytest.mark.parametrize("method,options,strategy", [("qlora", QLORA, "fsdp"), ("galore", GALORE, "ddp")],
+                         ids=["qlora-fsdp2", "galore-ddp"])
+def test_method_on_two_processes_matches_one(tmp_path, method, options, strategy):
+    """QLoRA sharded with FSDP2 (its uint8 codes and constants become frozen parameters that
+    fully_shard splits: each rank holds about half of the 4-bit base) and GaLore under DDP (the
+    projector of every rank is the SVD of the same all-reduced gradient, refreshed at step 2)."""
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    try:
+        dist_worker.main([str(one), method, options, strategy, str(STEPS), "1"])
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    torchrun(two, method, options, strategy, STEPS)
+    assert history(two) == pytest.approx(history(one), abs=LOSS_TOL)
+    trained = torch.load(two / "logits.pt")
+    torch.testing.assert_close(trained, torch.load(one / "logits.pt"), rtol=0, atol=1e-5)
+    whole = json.loads((one / "rank-0.json").read_text())["quant_bytes"]
+    shares = [json.loads((two / f"rank-{r}.json").read_text())["quant_bytes"] for r in (0, 1)]
+    if method == "qlora":
+        assert whole > 0 and sum(shares) >= whole  # dim-0 shards, the last one padded
+        assert all(0.45 * whole < s < 0.6 * whole for s in shares), (whole, shares)
+        torch.testing.assert_close(fresh_logits_qlora(two / "adapter"), trained, rtol=0, atol=1e-6)
+    else:
+        assert whole == 0 and shares == [0, 0]
+
+
+def fresh_logits_qlora(adapter: Path) -> torch.Tensor:
+    """The saved QLoRA adapter on a fresh full-precision base: loading quantizes it as in training
+    (the targets and ``quantize_also`` travel in the adapter's config) and says so."""
+    model, tok = models.load("tiny-bert", num_labels=3, seed=0)
+    with pytest.warns(UserWarning, match="the base model was not quantized"):
+        peftlab.load(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return model(**tok(dist_worker.PROBE, padding=True, return_tensors="pt")).logits
+
+
 @pytest.mark.slow
 def test_fsdp2_resumes_a_sharded_run_exactly(tmp_path, one_process):
     """2 steps, then a resumed job to 4 from the sharded run's checkpoint (whole tensors,

@@ -237,10 +237,16 @@ class QuantizedModule(nn.Module):
 
     # ---------------------------------------------------------------------- reading
     def quant_info(self) -> QuantInfo:
-        const = sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False)
+        const = sum(b.numel() * b.element_size() for n, b in self.storage_tensors().items()
                     if n.startswith("weight_absmax"))
         return QuantInfo(self.peftlab_quant.kind, math.prod(self.peftlab_quant_shape),
                          self.weight.numel() * self.weight.element_size(), const, self.peftlab_quant_error)
+
+    def storage_tensors(self) -> dict[str, torch.Tensor]:
+        """The codes and constants (``weight``, ``weight_absmax*``): buffers, or frozen parameters
+        after :func:`shardable`."""
+        tensors = dict(self.named_buffers(recurse=False)) | dict(self.named_parameters(recurse=False))
+        return {k: v for k, v in tensors.items() if k == "weight" or k.startswith("weight_absmax")}
 
     def stored_parameters(self) -> int:
         """Weights held as codes (``peftlab.summary`` counts them as base parameters)."""
@@ -464,6 +470,22 @@ def _tied(model: nn.Module) -> set[int]:
     return {i for i, c in seen.items() if c > 1}
 
 
+def shardable(model: nn.Module) -> int:
+    """Make the quantized storage of every quantized layer frozen ``nn.Parameter``s (uint8 codes,
+    constants), in place, so that FSDP2's ``fully_shard`` splits them over the ranks: it shards
+    parameters, each on its own along dim 0, and gathers mixed dtypes as bytes, so the codes keep
+    their uint8 dtype (FSDP1's flat parameters needed one float dtype; FSDP2 does not). One-element
+    constants stay buffers. State-dict keys do not change. Returns the number of tensors moved."""
+    moved = 0
+    for _, q in quantized_modules(model):
+        for key, t in list(q.named_buffers(recurse=False)):
+            if (key == "weight" or key.startswith("weight_absmax")) and t.numel() > 1:
+                del q._buffers[key]
+                q.register_parameter(key, nn.Parameter(t, requires_grad=False))
+                moved += 1
+    return moved
+
+
 def quantized_modules(model: nn.Module) -> list[tuple[str, QuantizedModule]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, QuantizedModule)]
 
@@ -482,14 +504,14 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Give every quantized module of ``model`` a plain ``weight`` parameter again (in ``dtype``,
     default the dtype it had before quantization) and its original class, in place."""
     for _, m in quantized_modules(model):
-        w = m.dequantized_weight(dtype)
-        for k in ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset"):
-            if k in m._buffers:
-                del m._buffers[k]
-        for k in ("peftlab_quant", "peftlab_quant_shape", "peftlab_quant_dtype", "peftlab_quant_error"):
-            m.__dict__.pop(k, None)
         if isinstance(m, AdapterLayer):
             raise ConfigError("detach the adapters (or merge them with qlora.merge_dequantized) before dequantizing")
+        w = m.dequantized_weight(dtype)
+        for k in ("weight", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset"):
+            m._buffers.pop(k, None)
+            m._parameters.pop(k, None)
+        for k in ("peftlab_quant", "peftlab_quant_shape", "peftlab_quant_dtype", "peftlab_quant_error"):
+            m.__dict__.pop(k, None)
         m.__class__ = type(m).unquantized_class
         m.weight = nn.Parameter(w, requires_grad=False)
     return model

@@ -115,9 +115,10 @@ class Method:
     fsdp_compatible: ClassVar[bool] = True
     """Whether the adapter trains with its model sharded by FSDP2 (``fully_shard``: every tensor
     split along dim 0 over the ranks). A method whose tensors or optimizer need whole matrices on
-    every rank (an optimizer that projects each gradient matrix, such as GaLore; quantized
-    storage in a dtype that shards cannot flatten) sets False: the trainer then refuses
-    ``strategy="fsdp"`` with ``fsdp_reason`` and names ``fsdp_alternative``."""
+    every rank (an optimizer that projects each gradient matrix, such as GaLore; parameters
+    shared by every block, such as Compacter's rule matrices) sets False: the trainer then refuses
+    ``strategy="fsdp"`` with ``fsdp_reason`` and names ``fsdp_alternative``. Tensors that must be
+    sharded but are not parameters are made so in :meth:`prepare_sharding`."""
     fsdp_reason: ClassVar[str] = ""
     fsdp_alternative: ClassVar[str] = "--strategy ddp (torchrun) or DeepSpeed ZeRO-2"
     ddp_find_unused_parameters: ClassVar[bool] = False
@@ -165,6 +166,12 @@ class Method:
         attached model (meta device). Default None: the method brings no optimizer and the
         estimator's ``optimizer`` setting applies."""
         return None
+
+    def prepare_sharding(self, model: nn.Module) -> None:
+        """Called on the attached model just before FSDP2 shards it (``fully_shard`` splits
+        parameters only; buffers stay whole on every rank). The default does nothing. QLoRA turns
+        its quantized storage (uint8 codes and constants, kept as buffers otherwise) into frozen
+        parameters here so that each rank holds its share of the 4-bit base."""
 
     # ----------------------------------------------------------------------------- life cycle
     def prepare_base(self, model: nn.Module) -> nn.Module:

@@ -17,7 +17,9 @@ peftlab has no distributed layer of its own. This module only connects the lab t
   of shards.
 
 Which methods shard: a method whose class sets ``Method.fsdp_compatible = False`` is refused
-under FSDP with an error naming the engine to use instead (``Method.fsdp_alternative``).
+under FSDP with an error naming the engine to use instead (``Method.fsdp_alternative``); every
+attached method's ``Method.prepare_sharding`` runs before ``fully_shard`` (QLoRA makes its
+quantized storage parameters there, so that it shards).
 ``Method.ddp_find_unused_parameters`` asks DDP to look for parameters that get no gradient in a
 step.
 """
@@ -208,6 +210,8 @@ def wrap(model: nn.Module, strategy: str, dist: Dist) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    for method in adapters(model).values():
+        method.prepare_sharding(model)
     mesh = init_device_mesh(device.type, (dist.world,))
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)

@@ -43,6 +43,7 @@ from peftlab.quant import (
     QuantizedLinear,
     dequantize,
     quantize,
+    shardable,
 )
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -87,10 +88,6 @@ class QLoRA(LoRA):
     ``paged_adamw8bit`` (bitsandbytes, CUDA only)."""
 
     mergeable: ClassVar[bool] = False
-    fsdp_compatible: ClassVar[bool] = False
-    fsdp_reason: ClassVar[str] = ("QLoRA keeps its 4-bit weights as buffers, which fully_shard does not shard: "
-                                  "every rank would hold the whole quantized base")
-    fsdp_alternative: ClassVar[str] = "--strategy ddp (torchrun; the 4-bit base fits on each device)"
     merge_hint: ClassVar[str] = ("QLoRA never merges into 4-bit weights; use peftlab.methods.qlora.merge_dequantized("
                                  "model, dtype=torch.bfloat16) for a dequantized merged copy")
     suggested_lr: ClassVar[float] = 1e-3
@@ -162,6 +159,11 @@ class QLoRA(LoRA):
             model.get_submodule(p).__dict__.pop("peftlab_quantized_here", None)
         super().load_file_tensors(model, name, values)
 
+    def prepare_sharding(self, model: nn.Module) -> None:
+        """Under FSDP2 the codes and constants become frozen parameters, so each rank keeps only
+        its share of the 4-bit base (gathered per block for its forward and backward)."""
+        shardable(model)
+
     # ------------------------------------------------------------------------------- optimizer
     def make_optimizer(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
                        grad_accum: int = 1) -> torch.optim.Optimizer | None:
@@ -171,6 +173,9 @@ class QLoRA(LoRA):
         from peftlab.optim import AdamW8bit, paged_adamw8bit
 
         params = [p for p in model.parameters() if p.requires_grad]
+        if any(type(p).__name__ == "DTensor" for p in params):
+            raise ConfigError(f"qlora: optimizer={self.optimizer!r} does not step FSDP-sharded parameters; use "
+                              "optimizer='adamw' with --strategy fsdp, or --strategy ddp")
         if self.optimizer == "paged_adamw8bit":
             return paged_adamw8bit(params, lr=lr, weight_decay=weight_decay)
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
