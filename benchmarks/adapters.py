@@ -6,7 +6,8 @@
     PYTHONPATH=src python benchmarks/adapters.py drop-score    # accuracy vs dropped blocks (plain vs robust)
     PYTHONPATH=src python benchmarks/adapters.py fusion        # AdapterFusion: tweets + chat topic (after train)
 
-Each section prints a table and writes ``runs/adapters/<section>.json``. Latency is the CPU time of
+Each section prints a table and writes ``benchmarks/results/adapters_<section>.json`` (and a copy in
+``runs/adapters/``). Latency is the CPU time of
 one thread (median of repeated runs), so that other processes on a shared machine disturb it
 little; ratios are within one run.
 """
@@ -33,9 +34,16 @@ OUT = Path("runs/adapters")
 STEPS, BATCH, LENGTH, TEST = 200, 16, 64, 600
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def save(section: str, data: object) -> None:
+    """The section's figures, in ``runs/adapters/`` (next to the trained adapters) and in
+    ``benchmarks/results/adapters_<section>.json`` (kept with the code)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{section}.json").write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": data}, indent=2) + "\n"
+    (OUT / f"{section}.json").write_text(text)
+    (RESULTS / f"adapters_{section}.json").write_text(text)
 
 
 def timed(fn, reps: int = 5) -> float:
@@ -188,7 +196,7 @@ def fusion(method: str = "pfeiffer", steps: int = 150) -> None:
     save("fusion", rows)
 
 
-SECTIONS = {"params": params, "train": train_section, "train-pc": lambda: train_section(("pfeiffer", "compacter")), "drop-latency": drop_latency, "drop-score": drop_score,
+SECTIONS = {"params": params, "train": train_section, "drop-latency": drop_latency, "drop-score": drop_score,
             "fusion": fusion}
 
 if __name__ == "__main__":

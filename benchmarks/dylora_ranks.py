@@ -13,7 +13,8 @@ the same test examples. It prints the score by rank for both and the training ti
 approaches (the sum over the LoRA runs versus the one DyLoRA run; evaluation excluded).
 
 Usage:
-    python benchmarks/dylora_ranks.py                       # 4 x 50 + 50 steps: 10-20 minutes on 2 busy cores
+    python benchmarks/dylora_ranks.py                       # 4 x 50 + 50 steps: about 4 minutes on 2 idle cores
+    python benchmarks/dylora_ranks.py --steps 150 --update-all   # and DyLoRA updating all of the first b ranks
     python benchmarks/dylora_ranks.py --steps 20 --test-examples 128   # quicker
     python benchmarks/dylora_ranks.py --out benchmarks/results/dylora_ranks.json
 """
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument("--update-all", action="store_true",
+                   help="also train a DyLoRA that updates all of the first b ranks each step (update_all=True)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -76,33 +79,41 @@ def main(argv: list[str] | None = None) -> int:
                            "trainable": peftlab.summary(model).trainable}
         print(f"lora r={r}: {task.metric} {rows['lora'][r]['score']:.4f}, {result.seconds:.1f} s", flush=True)
 
-    task, model, tok = _model(args.seed)
-    peftlab.attach(model, "dylora", r_max=max(args.ranks), r_min=1, alpha=args.alpha,
-                   modules_to_save=head_modules(model, task))
-    result = train(model, tok, task, config)
-    dylora_seconds = result.seconds
-    for r in args.ranks:
-        dylora.set_rank(model, r)
-        began = time.perf_counter()
-        rows["dylora"][r] = {"score": score(task, model, tok), "eval_seconds": time.perf_counter() - began}
-        print(f"dylora at rank {r}: {task.metric} {rows['dylora'][r]['score']:.4f}", flush=True)
+    schemes = {"dylora": False, "dylora_update_all": True} if args.update_all else {"dylora": False}
+    seconds: dict[str, float] = {}
+    for label, update_all in schemes.items():
+        rows.setdefault(label, {})
+        task, model, tok = _model(args.seed)
+        peftlab.attach(model, "dylora", r_max=max(args.ranks), r_min=1, alpha=args.alpha, update_all=update_all,
+                       modules_to_save=head_modules(model, task))
+        result = train(model, tok, task, config)
+        seconds[label] = result.seconds
+        for r in args.ranks:
+            dylora.set_rank(model, r)
+            began = time.perf_counter()
+            rows[label][r] = {"score": score(task, model, tok), "eval_seconds": time.perf_counter() - began}
+            print(f"{label} at rank {r}: {task.metric} {rows[label][r]['score']:.4f}", flush=True)
+    dylora_seconds = seconds["dylora"]
     method = peftlab.adapters(model)["default"]
     sampled = [method.sample_rank(s, args.seed) for s in range(args.steps)]
 
     print()
     print(f"tweets / minilm, {args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, alpha {args.alpha:g}, "
           f"seed {args.seed}; {task.metric} on {args.test_examples} test examples")
-    print("| rank | LoRA (own run) | DyLoRA (one run) |")
-    print("|---:|---:|---:|")
+    print("| rank | LoRA (own run) | " + " | ".join(f"{k} (one run)" for k in schemes) + " |")
+    print("|---:|---:|" + "---:|" * len(schemes))
     for r in args.ranks:
-        print(f"| {r} | {rows['lora'][r]['score']:.4f} | {rows['dylora'][r]['score']:.4f} |")
-    print(f"training time: {len(args.ranks)} LoRA runs {lora_seconds:.1f} s, one DyLoRA run {dylora_seconds:.1f} s "
-          f"({lora_seconds / dylora_seconds:.2f}x less)")
+        print(f"| {r} | {rows['lora'][r]['score']:.4f} | " + " | ".join(f"{rows[k][r]['score']:.4f}" for k in schemes)
+              + " |")
+    for k, sec in seconds.items():
+        print(f"training time: {len(args.ranks)} LoRA runs {lora_seconds:.1f} s, one {k} run {sec:.1f} s "
+              f"({lora_seconds / sec:.2f}x less)")
     print(f"DyLoRA steps per sampled rank: {dict(sorted((b, sampled.count(b)) for b in set(sampled)))}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                         "lora_seconds": lora_seconds, "dylora_seconds": dylora_seconds,
+                                        "dylora_seconds_by_scheme": seconds,
                                         "rows": rows, "sampled_ranks": sampled,
                                         "threads": torch.get_num_threads()}, indent=1) + "\n")
     return 0

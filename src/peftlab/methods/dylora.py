@@ -132,7 +132,7 @@ class DyLoRALinearLayer(DyLoRALayer, LoRALinearLayer):
         b, first, scale = self.forward_rank(name)
         a, bw = self.lora_A[name].weight, self.lora_B[name].weight
         h = F.linear(self.lora_dropout[name](x.to(a.dtype)), nested(a, b, 0, first))
-        return F.linear(h, nested(bw, b, 1, first)) * scale
+        return F.linear(h * scale, nested(bw, b, 1, first))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b, scale = self.merge_rank(name)
@@ -147,7 +147,7 @@ class DyLoRAEmbeddingLayer(DyLoRALayer, LoRAEmbeddingLayer):
         b, first, scale = self.forward_rank(name)
         a = nested(self.lora_embedding_A[name], b, 0, first)
         bw = nested(self.lora_embedding_B[name], b, 1, first)
-        return (F.embedding(x, a.T, self.padding_idx) @ bw.T) * scale
+        return (F.embedding(x, a.T, self.padding_idx) * scale) @ bw.T
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b, scale = self.merge_rank(name)
@@ -162,7 +162,7 @@ class DyLoRAConvLayer(DyLoRALayer, LoRAConvLayer):
         b, first, scale = self.forward_rank(name)
         a, bm = self.lora_A[name], self.lora_B[name]
         h = a._conv_forward(self.lora_dropout[name](x.to(a.weight.dtype)), nested(a.weight, b, 0, first), None)
-        return bm._conv_forward(h, nested(bm.weight, b, 1, first), None) * scale
+        return bm._conv_forward(h * scale, nested(bm.weight, b, 1, first), None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b, scale = self.merge_rank(name)

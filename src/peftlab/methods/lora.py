@@ -89,7 +89,8 @@ class LoRALinearLayer(LoRALayer):
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name]
-        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.peftlab_scaling[name]
+        # the scale multiplies the r-wide intermediate, not the d_out-wide output: r/d_out of the work
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))) * self.peftlab_scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.peftlab_scaling[name]
@@ -114,7 +115,7 @@ class LoRAEmbeddingLayer(LoRALayer):
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         after_a = F.embedding(x, a.T, self.padding_idx, self.max_norm, self.norm_type,
                               self.scale_grad_by_freq, self.sparse)
-        return (after_a @ b.T) * self.peftlab_scaling[name]
+        return (after_a * self.peftlab_scaling[name]) @ b.T
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
@@ -138,7 +139,8 @@ class LoRAConvLayer(LoRALayer):
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name]
-        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.peftlab_scaling[name]
+        # the scale multiplies the r-wide intermediate, not the d_out-wide output: r/d_out of the work
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))) * self.peftlab_scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b = self.lora_B[name].weight.float().flatten(1)  # (out, r)
