@@ -122,7 +122,9 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, devic
         ids, labels = ids.cuda(), labels.cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    # the optimizer the method trains with (GaLore's, QLoRA's 8-bit option), as the estimate assumes
+    own = [o for o in (m.make_optimizer(model, lr=1e-5) for m in peftlab.adapters(model).values()) if o is not None]
+    optimizer = own[0] if own else torch.optim.AdamW(params, lr=1e-5)
     _trim()
     baseline = _rss_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
