@@ -420,9 +420,12 @@ class _Probe:
             self.groups[id(x)] = g
         self.last_sdpa_block = None
         w = m.weight
-        out_features = w.shape[1] if not isinstance(m, nn.Linear) else w.shape[0]
-        g.members.append((path, int(out_features), bool(w.requires_grad), w.numel()))
-        self.linears.append((call, w.numel()))
+        if isinstance(m, nn.Linear):  # from the module, not the weight: a quantized layer's weight is packed codes
+            out_features, numel = m.out_features, m.in_features * m.out_features
+        else:  # GPT-2 Conv1D stores (in, out)
+            out_features, numel = w.shape[1], w.numel()
+        g.members.append((path, int(out_features), bool(w.requires_grad), numel))
+        self.linears.append((call, numel))
 
     def _norm(self, path: str, m: nn.Module, x: torch.Tensor, block: int | None, call: int, name: str) -> None:
         trains = any(p.requires_grad for p in m.parameters(recurse=False))
