@@ -99,6 +99,17 @@ def _batch(model: Any, batch: int, seq: int) -> Any:
     return torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
 
 
+def _timed_step(model: Any, ids: Any, opt: Any) -> dict[str, float]:
+    """One training step (forward + backward, optimizer step, zero_grad) and its timings."""
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    t1 = time.perf_counter()
+    opt.step()
+    t2 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    return {"forward_backward_s": t1 - t0, "optimizer_s": t2 - t1, "total_s": t2 - t0}
+
+
 def work_memory(variant: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
     from peftlab.optim import galore_weights
 
@@ -107,15 +118,7 @@ def work_memory(variant: str, batch: int, seq: int, steps: int) -> dict[str, Any
     base = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     opt = _optimizer(model, variant)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        times.append({"forward_backward_s": t1 - t0, "optimizer_s": t2 - t1, "total_s": t2 - t0})
+    times = [_timed_step(model, ids, opt) for _ in range(steps)]
     peak = _rss_kib("VmHWM")
     targeted = {id(p) for p in galore_weights(model, TARGETS).values()}
 
@@ -142,14 +145,7 @@ def work_time(batch: int, seq: int, steps: int) -> dict[str, Any]:
     opt = GaLoreAdamW.for_model(model, TARGETS, lr=1e-5, rank=RANK, update_proj_gap=2)
     rows = []
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        rows.append({"step": step, "refresh": (step - 1) % 2 == 0, "forward_backward_s": t1 - t0,
-                     "optimizer_s": t2 - t1, "total_s": t2 - t0})
+        rows.append({"step": step, "refresh": (step - 1) % 2 == 0, **_timed_step(model, ids, opt)})
         if step == 1:
             targeted = list(galore_weights(model, TARGETS).values())
             state = {"targeted_weights": len(targeted),

@@ -160,5 +160,17 @@ def cases() -> list[tuple[str, str]]:
 
 
 @pytest.fixture
+def one_thread(request):
+    """One intra-op thread for the test (restored after it): tiny models run many times faster
+    on one thread than on two busy cores (no OpenMP barrier waits). Tests marked ``slow`` (real
+    models) keep every thread. Files use it with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tmp_dir(tmp_path):
     return tmp_path

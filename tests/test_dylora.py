@@ -257,11 +257,11 @@ SMALL = dict(batch_size=4, grad_accum=2, lr=5e-3, warmup_ratio=0.0, schedule="co
              eval_examples=8, train_examples=20, max_length=24, progress=False)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_trainer_samples_a_rank_per_step_and_resumes_exactly(tmp_path, tok, monkeypatch):
     from peftlab.lab.tasks import get_task
     from peftlab.lab.trainer import TrainConfig, train
 
-    torch.set_num_threads(1)
     seen: list[tuple[int, int]] = []
     original = dylora.DyLoRA.begin_step
 

@@ -20,7 +20,7 @@ import peftlab
 from peftlab.core.layer import AdapterLayer
 from tests.conftest import batch, out, perturb, tiny_bert, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 INPUTS = batch()
 WEIGHTS = "adapter_model.safetensors"
@@ -28,14 +28,6 @@ CONFIG = "adapter_config.json"
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q1_B = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is much faster on a loaded machine (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers

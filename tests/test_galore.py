@@ -17,12 +17,7 @@ from peftlab.optim.galore import GaLoreAdamW, galore_param_groups, galore_weight
 from tests.conftest import batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grads(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[torch.Tensor]:

@@ -18,12 +18,7 @@ ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 PROBE = ["what a great day", "this is awful, I hate it", "the weather is fine"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_bert(seed: int = 0):

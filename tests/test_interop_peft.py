@@ -28,20 +28,13 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 INPUTS = batch()
 MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is much faster on a loaded machine (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -23,14 +23,7 @@ SMALL = dict(batch_size=4, grad_accum=2, lr=5e-3, warmup_ratio=0.2, eval_every=2
              train_examples=20, max_length=24, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models run fastest on one thread (and many times faster than on two busy cores)."""
-    threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,8 @@ def test_flora_is_matched_to_loras_parameter_count():
 
 
 @needs_data
+@pytest.mark.usefixtures("one_thread")
 def test_tiny_end_to_end_run():
-    torch.set_num_threads(1)
     config = vision.VisionConfig(width=4, pretrain_steps=3, adapt_steps=2, batch_size=8, pretrain_examples=64,
                                  adapt_examples=32, test_examples=40)
     pre, results = vision.run(config)

@@ -172,8 +172,10 @@ class QLoRA(LoRA):
             return None
         from peftlab.optim import AdamW8bit, paged_adamw8bit
 
+        from torch.distributed.tensor import DTensor
+
         params = [p for p in model.parameters() if p.requires_grad]
-        if any(type(p).__name__ == "DTensor" for p in params):
+        if any(isinstance(p, DTensor) for p in params):
             raise ConfigError(f"qlora: optimizer={self.optimizer!r} does not step FSDP-sharded parameters; use "
                               "optimizer='adamw' with --strategy fsdp, or --strategy ddp")
         if self.optimizer == "paged_adamw8bit":
