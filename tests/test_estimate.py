@@ -392,9 +392,11 @@ def _saved_activation_bytes(model: torch.nn.Module, batch: int, seq: int, head: 
 # Known gaps, measured at this tiny scale, where batch-independent terms weigh most: an
 # over-estimate (the safe direction) not explained yet, and two under-estimates of input-side
 # methods (P-tuning's LSTM prompt encoder states and prefix keys expanded to every query head
-# are not modelled: 0.89 and 0.93). Every other case is held to [0.97, 1.25].
+# are not modelled: 0.89 and 0.90; the prefix went from 0.93 to 0.90 when prefixes moved into the
+# model's own DynamicCache, whose concatenated keys and values autograd now keeps per layer).
+# Every other case is held to [0.97, 1.25].
 _LOOSE = {("compacter", "tiny-llama"): (0.97, 3.2), ("p_tuning", "tiny-bert"): (0.88, 1.25),
-          ("prefix_tuning", "tiny-llama"): (0.92, 1.25)}
+          ("prefix_tuning", "tiny-llama"): (0.89, 1.25)}
 
 
 @pytest.mark.parametrize(("method", "model_name"), [c for c in _cases() if c[0] != "fusion"])

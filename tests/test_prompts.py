@@ -122,7 +122,7 @@ def test_labels_at_virtual_positions_are_ignored(method):
     torch.testing.assert_close(o.loss, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     grads = []
     for checkpointing in (False, True):
@@ -139,6 +139,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         grads.append({k: p.grad.clone() for k, p in params.items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing_and_says_what_to_do():
+    """transformers drops the cache inside checkpointed layers: training on would train nothing."""
+    model = adapted("prefix_tuning", tiny_llama)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = ids(2, 6)
+    with pytest.raises(ConfigError, match="gradient checkpointing.*gradient_checkpointing_disable"):
+        model(input_ids=x, labels=x)
+    with torch.no_grad():  # without gradients nothing is recomputed, so the cache is kept
+        model(input_ids=x)
+    model.gradient_checkpointing_disable()
+    model(input_ids=x, labels=x).loss.backward()
 
 
 def test_prefix_shape_follows_grouped_query_attention():
@@ -202,21 +216,57 @@ def test_encoder_decoder(method):
     assert not torch.allclose(single, base, atol=1e-3)
 
 
-def test_prefix_reaches_every_attention_of_an_encoder_decoder():
+def test_prefix_reaches_every_decoder_layer_of_an_encoder_decoder():
+    """peft's SEQ_2_SEQ_LM layout: decoder self-attention, layer i reading key rows 4i mod 2L."""
+    from peftlab.methods.prefix_tuning import key_row, layout_of
+
     model = tiny_t5()
     peftlab.attach(model, "prefix_tuning", num_virtual_tokens=N, init="random")
     (p,) = peftlab.adapter_parameters(model, "default").values()
-    assert p.shape == (N, 6 * 2 * 4 * 8)  # encoder self, decoder self, cross: 2 layers each
+    assert p.shape == (N, 2 * 2 * 4 * 8)  # 2 decoder layers x (key, value) x 4 heads x head_dim 8
+    layout = layout_of(model)
+    assert [key_row(layout, i) for i in range(2)] == [0, 0]  # with L = 2 both layers read rows 0 and 1
     x, dec = ids(1, 5), ids(1, 3, seed=4)
     with torch.no_grad():
         before = model(input_ids=x, decoder_input_ids=dec).logits
-    width = 2 * 4 * 8
-    for site in range(6):  # changing any one site's prefix changes the output
+    width = 4 * 8
+    for row in range(4):  # rows 0-1 are read, rows 2-3 (peft's cross-attention copy) are not
         with torch.no_grad():
-            p[:, site * width:(site + 1) * width] += 1.0
+            p[:, row * width:(row + 1) * width] += 1.0
             after = model(input_ids=x, decoder_input_ids=dec).logits
-            p[:, site * width:(site + 1) * width] -= 1.0
-        assert not torch.allclose(after, before, atol=1e-4), site
+            p[:, row * width:(row + 1) * width] -= 1.0
+        assert torch.allclose(after, before, atol=1e-6) == (row >= 2), row
+
+
+def test_a_layer_that_ignores_the_cache_fails_loudly():
+    """If an upstream change stops one attention layer from reading the cache, the call fails
+    instead of silently running without that layer's prefix."""
+    from peftlab.methods.prefix_tuning import PrefixCacheError
+
+    model = adapted("prefix_tuning", tiny_llama)
+
+    def drop_cache(_, args, kwargs):  # the decoder stack ignores the cache it is handed
+        for key in ("cache", "past_key_values", "attention_mask", "position_ids"):
+            kwargs.pop(key, None)
+        return args, kwargs
+
+    handle = model.model.register_forward_pre_hook(drop_cache, with_kwargs=True)
+    with pytest.raises(PrefixCacheError, match=r"layers \[0, 1\]"):
+        model(input_ids=ids(1, 4))
+    handle.remove()
+    model(input_ids=ids(1, 4))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_bert, tiny_t5])
+def test_cache_argument_is_found(build):
+    """The one place that knows transformers' cache argument names finds one on every model the
+    input-side methods support; an upstream rename shows here first."""
+    from peftlab.core.inputs import cache_argument
+    from peftlab.methods.prefix_tuning import cache_taker
+
+    model = build()
+    taker = cache_taker(model)
+    assert taker is not None and cache_argument(taker) in ("cache", "past_key_values")
 
 
 @pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning"])
@@ -307,22 +357,95 @@ def test_too_many_virtual_tokens_or_too_long_input(method):
 
 
 def test_text_init_needs_a_tokenizer():
-    with pytest.raises(ConfigError, match="needs a tokenizer"):
+    with pytest.raises(ConfigError, match="needs a tokenizer.*tokenizer="):
         peftlab.get_method("prompt_tuning", init="text", init_text="classify the sentiment")
     with pytest.raises(ConfigError, match="needs init_text"):
-        peftlab.get_method("prompt_tuning", init="text", tokenizer_name_or_path="x")
+        peftlab.get_method("prompt_tuning", init="text")
 
 
-def test_unknown_key_value_layout_lists_supported_ones():
+class _CountingTokenizer:
+    """A caller's tokenizer: maps each word to a fixed id and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        self.calls += 1
+        return {"input_ids": [3 + (sum(map(ord, w)) % 100) for w in text.split()]}
+
+
+def test_text_init_uses_the_callers_tokenizer_once_and_files_never_name_one(tmp_path):
+    import json
+
+    tok = _CountingTokenizer()
+    model = tiny_llama()
+    peftlab.attach(model, "prompt_tuning", num_virtual_tokens=N, init="text", init_text="rate this review",
+                   tokenizer=tok)
+    assert tok.calls == 1
+    want_ids = tok("rate this review")["input_ids"]
+    (p,) = peftlab.adapter_parameters(model, "default").values()
+    table = model.get_input_embeddings().weight
+    torch.testing.assert_close(p.detach(), table[(want_ids * 2)[:N]].detach())
+    peftlab.save(model, tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert json.loads(text)["tokenizer_name_or_path"] is None
+    fresh = tiny_llama()
+    peftlab.load(fresh, tmp_path)
+    assert tok.calls == 2  # only the call above that built want_ids: loading tokenized nothing
+    assert peftlab.adapters(fresh)["default"].init_token_ids in ((), tuple(want_ids))
+    x = ids(1, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_a_peft_file_naming_a_tokenizer_loads_without_touching_it(tmp_path, monkeypatch):
+    """peft's config may name ``tokenizer_name_or_path``: loading must never open it."""
+    import transformers
+    from peft import PromptTuningConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    peft_model.save_pretrained(tmp_path)
+    import json
+
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello", tokenizer_name_or_path=str(tmp_path / "evil"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+
+    def refuse(*a, **k):
+        raise AssertionError("a tokenizer was loaded from a file's config")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    model = tiny_llama()
+    peftlab.load(model, tmp_path)
+    assert "default" in peftlab.adapters(model)
+
+
+def test_a_model_type_no_table_names_gets_its_layout_from_the_config():
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
-                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
-    with pytest.raises(ConfigError, match="'opt'") as e:
-        peftlab.attach(model, "prefix_tuning")
-    assert "llama" in str(e.value) and "LAYOUTS[model_type]" in str(e.value)
-    assert peftlab.adapters(model) == {}
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
     assert "opt" not in LAYOUTS
+    peftlab.attach(model, "prefix_tuning", num_virtual_tokens=N, seed=7)
+    words = torch.randint(0, 128, (1, N), generator=torch.Generator().manual_seed(7))
+    x = ids(1, 4)
+    with torch.no_grad():  # 'vocab' init: the prefix is the cache the base builds for N tokens
+        got = model(input_ids=x).logits
+        with peftlab.disabled(model):
+            want = model(input_ids=torch.cat([words, x], 1)).logits[:, N:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_a_cache_is_refused_with_the_alternatives():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=4,
+                                                                 hidden_dim=64, max_position_embeddings=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="takes no key/value cache.*prompt_tuning"):
+        peftlab.attach(model, "prefix_tuning")
+    assert peftlab.adapters(model) == {} and model.state_dict().keys() == before.keys()
 
 
 # ----------------------------------------------------------------------------- embedded models
@@ -332,7 +455,7 @@ def test_smollm2_generate_padding_and_training(method, tmp_path):
     from peftlab import models
 
     model, tok = models.load("smollm2-135m", seed=0)
-    opts = {"init": "text", "init_text": "Answer briefly and politely.", "tokenizer_name_or_path": "smollm2-135m"} \
+    opts = {"init": "text", "init_text": "Answer briefly and politely.", "tokenizer": tok} \
         if method == "prompt_tuning" else {}
     peftlab.attach(model, method, num_virtual_tokens=8, **opts)
     assert peftlab.summary(model).percent < 1
@@ -393,3 +516,46 @@ def test_minilm_classifier_trains_and_round_trips(method, tmp_path):
     peftlab.load(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, batch, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- generate(), per step
+def _no_cache_step_logits(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
+    """The next-token logits of every generated step, each from one forward over the whole
+    sequence so far with no cache (the oracle for generate()'s cached steps)."""
+    out = []
+    with torch.no_grad():
+        for t in range(prompt_len, seq.shape[1]):
+            logits = model(input_ids=seq[:, :t], attention_mask=mask[:, :t], use_cache=False).logits
+            out.append(logits[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_per_step_scores_equal_a_no_cache_forward(method, arch, sample):
+    """Every decoding step's scores equal a no-cache forward over the same tokens (fp32, 1e-4),
+    for a left-padded batch of rows of different lengths; the cache holds N + tokens, no more."""
+    from transformers import DynamicCache
+
+    model = adapted(method, DECODERS[arch])
+    a, b = ids(1, 7, seed=1), ids(1, 3, seed=2)
+    x = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    steps = 6
+    cache = DynamicCache(config=model.config)
+    torch.manual_seed(11)
+    out = model.generate(x, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=sample,
+                         top_k=0, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                         past_key_values=cache)
+    seq = out.sequences
+    assert seq.shape[1] == 7 + steps
+    # the cache holds the virtual tokens once, plus every token but the last generated one
+    assert cache.get_seq_length() == N + 7 + steps - 1
+    full_mask = torch.cat([mask, torch.ones(2, steps, dtype=torch.long)], 1)
+    want = _no_cache_step_logits(model, seq, full_mask, 7)
+    assert len(out.logits) == steps
+    for step, (got, ref) in enumerate(zip(out.logits, want)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    if not sample:
+        assert torch.equal(seq[:, 7:], torch.stack([r.argmax(-1) for r in want], 1))

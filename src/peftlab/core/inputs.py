@@ -93,6 +93,66 @@ def install(model: nn.Module, name: str, module: nn.Module, pre: PreFn, post: Po
     s.hooks.append(module.register_forward_hook(_post, with_kwargs=True, always_call=True))
 
 
+# ----------------------------------------------------------------------------- the key/value cache
+# transformers renamed the cache argument of its models from ``past_key_values`` to ``cache``
+# (5.x, with the old name deprecated). This block is the one place that knows the names; every
+# input-side method reaches a model's cache through these helpers, and tests/test_prompts.py
+# fails loudly (test_cache_argument_is_found) if a model takes neither.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""The names a transformers model's ``forward`` may give its key/value cache, newest first."""
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The name ``module.forward`` takes its key/value cache under, or None if it takes none."""
+    params = inspect.signature(module.forward).parameters
+    return next((a for a in CACHE_ARGUMENTS if a in params), None)
+
+
+def pop_cache(kw: dict[str, Any]) -> Any:
+    """Remove the caller's cache from a call's arguments under any of its names and return it."""
+    given = [(a, kw.pop(a)) for a in CACHE_ARGUMENTS if a in kw]
+    given = [(a, v) for a, v in given if v is not None]
+    if len(given) > 1 and given[0][1] is not given[1][1]:
+        raise ConfigError(f"two different caches were passed ({given[0][0]}= and {given[1][0]}=); pass one")
+    return given[0][1] if given else None
+
+
+def new_cache(config: Any, encoder_decoder: bool = False) -> Any:
+    """An empty transformers ``DynamicCache`` (an ``EncoderDecoderCache`` of two for seq2seq models)."""
+    from transformers import DynamicCache
+
+    def one() -> Any:
+        try:
+            return DynamicCache(config=config)
+        except TypeError:  # releases whose DynamicCache takes no config
+            return DynamicCache()
+
+    if encoder_decoder:
+        from transformers import EncoderDecoderCache
+
+        return EncoderDecoderCache(one(), one())
+    return one()
+
+
+def self_attention_cache(cache: Any) -> Any:
+    """The decoder self-attention part of a cache (the cache itself for decoder-only models)."""
+    return getattr(cache, "self_attention_cache", cache)
+
+
+def layer_length(cache: Any, layer: int) -> int:
+    """Tokens held by layer ``layer`` of a cache."""
+    return int(cache.get_seq_length(layer))
+
+
+def layer_key_values(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values layer ``layer`` of a cache holds, ``(batch, kv_heads, tokens, head_dim)``."""
+    entry = cache.layers[layer] if hasattr(cache, "layers") else None
+    if entry is not None and hasattr(entry, "keys"):
+        return entry.keys, entry.values
+    k, v = cache[layer][:2]
+    return k, v
+
+
 # ----------------------------------------------------------------------------- helpers
 def cache_length(cache: Any) -> int:
     """Tokens already held by a transformers ``Cache`` (0 for None)."""

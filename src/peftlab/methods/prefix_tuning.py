@@ -8,24 +8,26 @@ query attention stores fewer key/value heads than query heads). While training t
 output of an MLP over ``N`` smaller embeddings (``projection=True``, the paper's
 reparameterisation, which it finds more stable); the file always holds the output, as peft's does.
 
-How the prefix reaches attention (``peftlab.core.inputs`` hooks; no wrapper model):
+How the prefix reaches attention: through the model's public key/value cache, as peft does. A
+forward pre-hook on the model hands it a transformers ``DynamicCache`` already holding the
+prefixes of every layer (the caller's own cache when it passes an empty one, as ``generate()``
+does; a new one otherwise), extends the 2-D attention mask by ``N`` ones and gives the real tokens
+positions from ``N`` on (peft's and the papers' convention). Attention layers then append their
+keys and values to the prefix like any cached tokens, so no private argument of an attention
+module is touched. After a call that started from the prefix, every layer of the cache must have
+grown: if one did not, the model no longer reads the cache (an upstream change) and the call
+fails loudly instead of silently training nothing.
 
-* with a transformers Cache (``generate()``, step-by-step decoding, or an eval call with
-  ``use_cache``): the first call fills the cache with the prefix; later calls find it there;
-* otherwise (training, ``use_cache=False``, encoders): each attention module is called with a
-  small cache object that puts the prefix in front of its keys and values and stores nothing, and
-  the model gets a 4-D mask covering the prefix. This needs no state between calls, so gradient
-  checkpointing (which recomputes layers in the backward pass) works.
-
-The real tokens take positions from ``N`` on, as if the prefix were ``N`` tokens in front (peft's
-and the papers' convention). Encoder-decoder models get prefixes on encoder self-attention,
-decoder self-attention and decoder cross-attention. The key/value layout of each architecture is
-listed in :data:`LAYOUTS`; add an entry there for a new one.
+The layout (layers, key/value heads, head dimension) comes from the model's config
+(``num_key_value_heads``, ``head_dim``, ``num_hidden_layers`` and their older spellings); an
+entry in :data:`LAYOUTS` overrides it for a model type whose config says otherwise.
+Encoder-decoder models get prefixes in decoder self-attention (peft's layout for
+``SEQ_2_SEQ_LM``). Gradient checkpointing is refused: transformers drops the cache inside
+checkpointed layers, which would disconnect the prefixes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,34 +38,21 @@ from torch import nn
 from peftlab.core import inputs
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import Method, register
-from peftlab.methods.prompt_tuning import FILE_KEY, _check_submodules, adapter_dtype
+from peftlab.methods.prompt_tuning import FILE_KEY, adapter_dtype
 
 INITS = ("vocab", "random")
 
 
 @dataclass(frozen=True)
-class Site:
-    """One attention module that receives a prefix."""
-
-    path: str
-    group: str
-    """'self' (decoder-only or encoder-only model), 'encoder', 'decoder' or 'cross' (encoder-decoder)."""
-
-
-@dataclass(frozen=True)
 class Layout:
-    """Where an architecture's prefixes go and their shape."""
+    """Where a model's prefixes go and their shape."""
 
-    kind: str
-    """'decoder' (causal, keeps a Cache), 'encoder' (bidirectional, no cache) or 'seq2seq'."""
-    sites: tuple[Site, ...]
+    seq2seq: bool
+    """Encoder-decoder: the prefixes go to the decoder's self-attention cache."""
+    layers: int
+    """Attention layers that receive a prefix (the decoder's, for encoder-decoder models)."""
     kv_heads: int
     head_dim: int
-
-
-def _find(model: nn.Module, pattern: str, group: str) -> list[Site]:
-    rx = re.compile(pattern)
-    return [Site(p, group) for p, _ in model.named_modules() if rx.fullmatch(p)]
 
 
 def _cfg(model: nn.Module) -> Any:
@@ -71,93 +60,78 @@ def _cfg(model: nn.Module) -> Any:
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _llama_like(model: nn.Module) -> Layout:
+def _first(cfg: Any, *keys: str) -> int | None:
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def layout_from_config(model: nn.Module) -> Layout:
+    """The key/value layout stated by a transformers config (any architecture that uses the usual names)."""
     cfg = _cfg(model)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    return Layout("decoder", tuple(_find(model, r"(.*\.)?layers\.\d+\.self_attn", "self")), kv, head_dim)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq:
+        layers = _first(cfg, "num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers")
+        heads = _first(cfg, "decoder_attention_heads", "num_heads", "num_attention_heads")
+    else:
+        layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+        heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
+    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+    if layers is None or heads is None or hidden is None:
+        raise ConfigError(f"prefix_tuning: {type(model).__name__}'s config does not state its layers, attention "
+                          "heads and hidden size under the usual names; register its layout: "
+                          "peftlab.methods.prefix_tuning.LAYOUTS[model_type] = fn(model) -> Layout")
+    kv = _first(cfg, "num_key_value_heads", "num_kv_heads") or heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        kv = 1
+    head_dim = _first(cfg, "head_dim", "d_kv") or hidden // heads
+    return Layout(seq2seq, layers, kv, head_dim)
 
 
-def _gpt2(model: nn.Module) -> Layout:
-    cfg = _cfg(model)
-    return Layout("decoder", tuple(_find(model, r"(.*\.)?h\.\d+\.attn", "self")), cfg.n_head, cfg.n_embd // cfg.n_head)
+LAYOUTS: dict[str, Callable[[nn.Module], Layout]] = {}
+"""``model_type -> fn(model) -> Layout``: overrides for a model type whose config does not state its
+key/value layout under the usual names (:func:`layout_from_config` covers the rest)."""
 
 
-def _bert_like(model: nn.Module) -> Layout:
-    cfg = _cfg(model)
-    if getattr(cfg, "is_decoder", False):
-        raise ConfigError("prefix_tuning: BERT-style models used as decoders are not supported; use an encoder")
-    heads = cfg.num_attention_heads
-    return Layout("encoder", tuple(_find(model, r"(.*\.)?encoder\.layer\.\d+\.attention\.self", "self")),
-                  heads, cfg.hidden_size // heads)
+def cache_taker(model: nn.Module) -> nn.Module | None:
+    """The module that receives the prefix cache: the model itself when its forward takes a cache,
+    else its backbone (``model.base_model``: a classifier head's forward often takes none)."""
+    if inputs.cache_argument(model) is not None:
+        return model
+    backbone = getattr(model, "base_model", None)
+    if isinstance(backbone, nn.Module) and backbone is not model and inputs.cache_argument(backbone) is not None:
+        return backbone
+    return None
 
 
-def _t5(model: nn.Module) -> Layout:
-    cfg = model.config
-    sites = (_find(model, r"(.*\.)?encoder\.block\.\d+\.layer\.0\.SelfAttention", "encoder")
-             + _find(model, r"(.*\.)?decoder\.block\.\d+\.layer\.0\.SelfAttention", "decoder")
-             + _find(model, r"(.*\.)?decoder\.block\.\d+\.layer\.1\.EncDecAttention", "cross"))
-    return Layout("seq2seq", tuple(sites), cfg.num_heads, cfg.d_kv)
+def key_row(layout: Layout, layer: int) -> int:
+    """Row (of ``layers * 2`` key/value rows) holding layer ``layer``'s keys; the values follow it.
 
-
-LAYOUTS: dict[str, Callable[[nn.Module], Layout]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2"), _llama_like),
-    "gpt2": _gpt2,
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _bert_like),
-    **dict.fromkeys(("t5", "mt5"), _t5),
-}
-"""``model_type -> layout``. The attention modules listed must take ``past_key_values`` and call
-``past_key_values.update(key, value, layer_idx)`` with ``(batch, kv_heads, tokens, head_dim)``
-tensors, as transformers' attention modules do. To support another architecture, add
-``LAYOUTS["<model_type>"] = fn`` where ``fn(model)`` returns its :class:`Layout`."""
+    peft reads a seq2seq prefix as [self k, self v, cross k, cross v] per layer over two copies of
+    the rows and then drops the cross-attention part, so decoder layer ``i`` reads rows
+    ``4i mod 2L`` and the one after it; files are only interchangeable if this reading is kept.
+    """
+    return (4 * layer) % (2 * layout.layers) if layout.seq2seq else 2 * layer
 
 
 def layout_of(model: nn.Module) -> Layout:
-    """The key/value layout of ``model``; an unknown architecture is an error naming the known ones."""
+    """The key/value layout of ``model``; a model that takes no key/value cache is refused."""
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in LAYOUTS:
+    if cfg is None or not hasattr(model, "get_input_embeddings"):
+        raise ConfigError(f"prefix_tuning needs a transformers model (with a config); got {type(model).__name__}")
+    if cache_taker(model) is None:
         raise ConfigError(
-            f"prefix_tuning: the key/value layout of {type(model).__name__} (model_type {model_type!r}) is not known. "
-            f"Supported model types: {sorted(LAYOUTS)}. To add one, register a function that lists its attention "
-            "modules and key/value shape: peftlab.methods.prefix_tuning.LAYOUTS[model_type] = fn "
-            "(see _llama_like for the pattern).")
-    layout = LAYOUTS[model_type](model)
-    if not layout.sites:
-        raise ConfigError(f"prefix_tuning: no attention modules found in {type(model).__name__} for model_type "
-                          f"{model_type!r}; its module names differ from the registered layout")
-    return layout
+            f"prefix_tuning: {type(model).__name__} (model_type {getattr(cfg, 'model_type', None)!r}) takes no "
+            f"key/value cache (its forward has none of {inputs.CACHE_ARGUMENTS}), so prefixes cannot reach its "
+            "attention; use prompt_tuning or p_tuning (input-side prompts) or lora instead")
+    fn = LAYOUTS.get(getattr(cfg, "model_type", None), layout_from_config)
+    return fn(model)
 
 
-class PrefixCache:
-    """A stand-in for a transformers Cache in one attention call: puts the prefix in front of the
-    keys and values and stores nothing (so recomputing the layer gives the same result)."""
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.key, self.value = key, value
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int = 0, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.key.shape[-2]
-
-
-class _Recorder(PrefixCache):
-    """Records the keys and values an attention module computes (prefix initialisation)."""
-
-    def __init__(self) -> None:
-        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int = 0, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seen = (key.detach(), value.detach())
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
+class PrefixCacheError(RuntimeError):
+    """An attention layer did not read the prefix from the cache (the model's cache handling changed)."""
 
 
 class PrefixEncoder(nn.Module):
@@ -185,27 +159,6 @@ class PrefixEncoder(nn.Module):
         self.embedding.weight.requires_grad_(old.requires_grad)
         with torch.no_grad():
             self.embedding.weight.copy_(value.to(old.dtype))
-
-
-class _Current:
-    """The prefixes of the latest model call: computed once per call (one MLP pass shared by every
-    layer) and reused by attention calls outside a model call (an encoder run on its own by
-    ``generate()``, layers recomputed by gradient checkpointing) while the parameters are unchanged."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.value: torch.Tensor | None = None
-        self.versions: tuple[int, ...] = ()
-
-    def compute(self, module: nn.Module) -> torch.Tensor:
-        self.value = module.prompt()
-        self.versions = tuple(p._version for p in module.parameters())
-        return self.value
-
-    def get(self, module: nn.Module) -> torch.Tensor:
-        if self.value is None or self.versions != tuple(p._version for p in module.parameters()):
-            return self.compute(module)
-        return self.value
 
 
 @register("prefix_tuning")
@@ -241,8 +194,11 @@ class PrefixTuning(Method):
                               "20 is a good start")
         if self.init not in INITS:
             raise ConfigError(f"prefix_tuning: init must be one of {INITS} (got {self.init!r})")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise ConfigError(f"prefix_tuning: encoder_hidden_size must be positive (got {self.encoder_hidden_size})")
+        if not isinstance(self.projection, bool):
+            raise ConfigError(f"prefix_tuning: projection must be True or False (got {self.projection!r})")
+        h = self.encoder_hidden_size
+        if h is not None and (not isinstance(h, int) or isinstance(h, bool) or h < 1):
+            raise ConfigError(f"prefix_tuning: encoder_hidden_size must be a positive integer (got {h!r})")
 
     # ------------------------------------------------------------------------- building
     def attach(self, model: nn.Module, name: str) -> None:
@@ -253,20 +209,15 @@ class PrefixTuning(Method):
                               f"model's {limit} positions; use fewer (e.g. 20)")
         emb = model.get_input_embeddings().weight
         hidden = emb.shape[1]
-        total = len(layout.sites) * 2 * layout.kv_heads * layout.head_dim
+        total = layout.layers * 2 * layout.kv_heads * layout.head_dim
         module = PrefixEncoder(self.num_virtual_tokens, total, hidden, self.encoder_hidden_size or hidden,
                                self.projection, emb.device, adapter_dtype(emb))
         if emb.device.type != "meta":
             self._initialise(model, layout, module, emb)
         inputs.add_module(model, name, module)
-        current = _Current(layout)
-        for i, site in enumerate(layout.sites):
-            inputs.install(model, name, model.get_submodule(site.path), self._site_pre(model, name, i, current))
-        if layout.kind == "seq2seq":
-            inputs.install(model, name, model.get_encoder(), self._encoder_pre())
-            inputs.install(model, name, model, self._seq2seq_pre(model, name, layout, current))
-        else:
-            inputs.install(model, name, model, self._model_pre(model, name, layout, current))
+        taker = cache_taker(model)
+        assert taker is not None  # layout_of checked it
+        inputs.install(model, name, taker, self._model_pre(model, taker, name, layout), self._model_post(layout))
 
     @torch.no_grad()
     def _initialise(self, model: nn.Module, layout: Layout, module: PrefixEncoder, emb: torch.Tensor) -> None:
@@ -280,29 +231,31 @@ class PrefixTuning(Method):
         if self.projection:  # the MLP's inputs start as word embeddings
             module.embedding.weight.copy_(emb[ids[0]].to(module.embedding.weight.dtype))
             return
-        recorders = [_Recorder() for _ in layout.sites]
-        handles = []
-        for site, rec in zip(layout.sites, recorders):
-            def pre(_: nn.Module, args: Any, kwargs: dict[str, Any], rec: _Recorder = rec) -> Any:
-                kwargs["past_key_values"] = rec
-                return args, kwargs
-            handles.append(model.get_submodule(site.path).register_forward_pre_hook(pre, with_kwargs=True))
+        # the keys and values the frozen model puts into its cache for those N tokens
+        cache = inputs.new_cache(model.config, layout.seq2seq)
+        extra = {"decoder_input_ids": ids} if layout.seq2seq else {}
         was_training = model.training
         try:
             model.eval()
-            extra = {"decoder_input_ids": ids} if layout.kind == "seq2seq" else {}
-            model(input_ids=ids, use_cache=False, **extra)
+            model(input_ids=ids, use_cache=True, **{inputs.cache_argument(taker) or "": cache}, **extra) \
+                if (taker := cache_taker(model)) is model else taker(input_ids=ids, use_cache=True,
+                                                                     **{inputs.cache_argument(taker) or "": cache})
         finally:
             model.train(was_training)
-            for h in handles:
-                h.remove()
-        parts = []
-        for rec in recorders:
-            assert rec.seen is not None, "an attention module did not use the prefix cache"
-            k, v = rec.seen  # (1, kv_heads, n, head_dim)
-            parts += [k[0].permute(1, 0, 2).reshape(n, -1), v[0].permute(1, 0, 2).reshape(n, -1)]
+        own = inputs.self_attention_cache(cache)
+        rows = torch.zeros(n, layout.layers * 2, layout.kv_heads * layout.head_dim)
+        for layer in reversed(range(layout.layers)):  # where peft's seq2seq reading shares rows, layer 0's win
+            if inputs.layer_length(own, layer) != n:
+                raise PrefixCacheError(
+                    f"prefix_tuning: attention layer {layer} of {type(model).__name__} did not store its keys and "
+                    "values in the cache it was given; this transformers release handles the cache differently. "
+                    "Use init='random', or report the model type and transformers version")
+            k, v = inputs.layer_key_values(own, layer)  # (1, kv_heads, n, head_dim)
+            row = key_row(layout, layer)
+            rows[:, row] = k[0].permute(1, 0, 2).reshape(n, -1).float().cpu()
+            rows[:, row + 1] = v[0].permute(1, 0, 2).reshape(n, -1).float().cpu()
         w = module.embedding.weight
-        w.copy_(torch.cat(parts, dim=1).to(w.dtype))
+        w.copy_(rows.reshape(n, -1).to(device=w.device, dtype=w.dtype))
 
     def detach(self, model: nn.Module, name: str) -> None:
         inputs.remove_module(model, name)
@@ -324,133 +277,80 @@ class PrefixTuning(Method):
         inputs.get_module(model, name).use_saved(value)
         super().load_file_tensors(model, name, values)
 
-    # ------------------------------------------------------------------------- hooks
-    def _kv(self, model: nn.Module, name: str, current: _Current, index: int, batch: int,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value prefix of site ``index``: ``(batch, kv_heads, N, head_dim)`` each."""
-        flat = current.get(inputs.get_module(model, name))
-        layout = current.layout
+    # ------------------------------------------------------------------------- the hook
+    def _fill(self, prefix: torch.Tensor, layout: Layout, cache: Any, batch: int, dtype: torch.dtype) -> None:
+        """Put every layer's prefix, ``(batch, kv_heads, N, head_dim)``, into an empty cache."""
         n = self.num_virtual_tokens
-        kv = flat.view(n, len(layout.sites) * 2, layout.kv_heads, layout.head_dim)
-        k = kv[:, 2 * index].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1).to(dtype)
-        v = kv[:, 2 * index + 1].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1).to(dtype)
-        return k, v
+        kv = prefix.view(n, layout.layers * 2, layout.kv_heads, layout.head_dim).to(dtype)
+        for layer in range(layout.layers):
+            row = key_row(layout, layer)
+            k = kv[:, row].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            v = kv[:, row + 1].permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            cache.update(k, v, layer)
 
-    def _site_pre(self, model: nn.Module, name: str, index: int, current: _Current) -> inputs.PreFn:
-        def pre(_: nn.Module, kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-            if kw.get("past_key_values") is not None:  # a real cache: the model call put the prefix there
-                return kw, None
-            hs = kw["hidden_states"]
-            kw["past_key_values"] = PrefixCache(*self._kv(model, name, current, index, hs.shape[0], hs.dtype))
-            return kw, None
-
-        return pre
-
-    def _start(self, model: nn.Module, name: str, layout: Layout, current: _Current) -> None:
-        current.compute(inputs.get_module(model, name))
-
-    def _fill(self, model: nn.Module, name: str, current: _Current, layout: Layout, cache: Any, group: str,
-              batch: int, dtype: torch.dtype) -> None:
-        for i, site in enumerate(layout.sites):
-            if site.group == group:
-                layer = model.get_submodule(site.path).layer_idx
-                cache.update(*self._kv(model, name, current, i, batch, dtype), layer)
-
-    def _model_pre(self, model: nn.Module, name: str, layout: Layout, current: _Current) -> inputs.PreFn:
+    def _model_pre(self, model: nn.Module, taker: nn.Module, name: str, layout: Layout) -> inputs.PreFn:
         n = self.num_virtual_tokens
-        takes_positions = inputs.accepts(model, "position_ids")
-        causal = layout.kind == "decoder"
+        cache_arg = inputs.cache_argument(taker)
+        assert cache_arg is not None  # layout_of checked it
+        takes_positions = not layout.seq2seq and inputs.accepts(taker, "position_ids")
+        ids_key, mask_key = ("decoder_input_ids", "decoder_attention_mask") if layout.seq2seq \
+            else ("input_ids", "attention_mask")
+        embeds_key = "decoder_inputs_embeds" if layout.seq2seq else "inputs_embeds"
 
         def pre(_: nn.Module, kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-            x = kw["input_ids"] if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+            x = kw[ids_key] if kw.get(ids_key) is not None else kw.get(embeds_key)
+            if x is None and layout.seq2seq and kw.get("labels") is not None:
+                x = kw["labels"]  # the decoder input is made from the labels (shifted right)
             if x is None:
                 return kw, None
+            if model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+                raise ConfigError("prefix_tuning cannot train with gradient checkpointing: transformers drops the "
+                                  "key/value cache inside checkpointed layers, which would disconnect the prefixes. "
+                                  "Turn gradient checkpointing off (model.gradient_checkpointing_disable()), or use "
+                                  "prompt_tuning, p_tuning or lora")
             batch, length = x.shape[:2]
             emb = model.get_input_embeddings().weight
             dtype = emb.dtype if emb.is_floating_point() else torch.float32
-            mask = inputs.two_d_mask(kw.get("attention_mask"), "prefix_tuning")
-            cache = kw.get("past_key_values")
-            use_cache = kw.get("use_cache")
-            if use_cache is None:
-                use_cache = bool(getattr(_cfg(model), "use_cache", False))
-            self._start(model, name, layout, current)
-            if causal and (cache is not None or (use_cache and not model.training)):
-                if cache is None:
-                    from transformers import DynamicCache
-
-                    cache = DynamicCache(config=model.config)
-                past = inputs.cache_length(cache)
-                if past == 0:
-                    self._fill(model, name, current, layout, cache, "self", batch, dtype)
-                    past = n
-                real_past = past - n
-                kw["past_key_values"], kw["use_cache"] = cache, True
-                if mask is not None and mask.shape[1] == real_past + length:
-                    kw["attention_mask"] = inputs.prepend_ones(mask, n)
-            else:
-                real_past = 0
-                kw["use_cache"] = False
-                kw["attention_mask"] = inputs.prefix_attention_mask(mask, batch, length, 0, n, causal, dtype, x.device)
-            pos = inputs.real_positions(kw.get("position_ids"), mask, real_past, length, n, x.device)
-            inputs.check_positions(_cfg(model), pos.max(), n, "prefix_tuning")
+            mask = inputs.two_d_mask(kw.get(mask_key), "prefix_tuning")
+            cache = inputs.pop_cache(kw)
+            if cache is None:
+                cache = inputs.new_cache(model.config, layout.seq2seq)
+            past = inputs.cache_length(cache)
+            filled = past == 0
+            if filled:
+                self._fill(inputs.get_module(model, name).prompt(), layout, inputs.self_attention_cache(cache),
+                           batch, dtype)
+                past = n
+            real_past = past - n
+            kw[cache_arg] = cache
+            if mask is not None and mask.shape[1] == real_past + length:
+                kw[mask_key] = inputs.prepend_ones(mask, n)
             if takes_positions:
+                pos = inputs.real_positions(kw.get("position_ids"), mask, real_past, length, n, x.device)
+                inputs.check_positions(_cfg(model), pos.max(), n, "prefix_tuning")
                 kw["position_ids"] = pos
-            return kw, True
+            elif not layout.seq2seq:
+                inputs.check_positions(_cfg(model), real_past + length + n - 1, n, "prefix_tuning")
+            return kw, (cache, length) if filled else None
 
         return pre
 
-    def _encoder_pre(self) -> inputs.PreFn:
+    def _model_post(self, layout: Layout) -> inputs.PostFn:
         n = self.num_virtual_tokens
 
-        def pre(mod: nn.Module, kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-            mask = kw.get("attention_mask")
-            x = kw["input_ids"] if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-            if x is not None and mask is not None and mask.dim() == 2:
-                dtype = mod.embed_tokens.weight.dtype if hasattr(mod, "embed_tokens") else torch.float32
-                kw["attention_mask"] = inputs.prefix_padding_mask(mask, n, dtype)
-            return kw, None
+        def post(mod: nn.Module, output: Any, context: tuple[Any, int]) -> Any:
+            cache, length = context
+            own = inputs.self_attention_cache(cache)
+            short = [layer for layer in range(layout.layers) if inputs.layer_length(own, layer) < n + length]
+            if short:
+                raise PrefixCacheError(
+                    f"prefix_tuning: attention layers {short} of {type(mod).__name__} did not read the prefix from "
+                    "the key/value cache passed to the model, so the adapter had no effect. This transformers "
+                    "release passes the cache differently; pin the versions in the project's constraints file "
+                    "and report the model type and transformers version")
+            return None
 
-        return pre
-
-    def _seq2seq_pre(self, model: nn.Module, name: str, layout: Layout, current: _Current) -> inputs.PreFn:
-        n = self.num_virtual_tokens
-
-        def pre(_: nn.Module, kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-            self._start(model, name, layout, current)
-            dtype = model.get_input_embeddings().weight.dtype
-            mask = kw.get("attention_mask")
-            if mask is not None and mask.dim() == 2:  # encoder self- and cross-attention see the prefix
-                kw["attention_mask"] = inputs.prefix_padding_mask(mask, n, dtype)
-            dec = next((kw[k] for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")
-                        if kw.get(k) is not None), None)
-            if dec is None:
-                return kw, True
-            batch, length = dec.shape[:2]
-            dmask = inputs.two_d_mask(kw.get("decoder_attention_mask"), "prefix_tuning")
-            cache = kw.get("past_key_values")
-            use_cache = kw.get("use_cache")
-            if use_cache is None:
-                use_cache = bool(getattr(model.config, "use_cache", False))
-            if cache is not None or (use_cache and not model.training):
-                from transformers import DynamicCache, EncoderDecoderCache
-
-                if cache is None:
-                    cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
-                past = inputs.cache_length(cache)
-                if past == 0:
-                    self._fill(model, name, current, layout, cache.self_attention_cache, "decoder", batch, dtype)
-                    self._fill(model, name, current, layout, cache.cross_attention_cache, "cross", batch, dtype)
-                    past = n
-                kw["past_key_values"], kw["use_cache"] = cache, True
-                if dmask is not None and dmask.shape[1] == past - n + length:
-                    kw["decoder_attention_mask"] = inputs.prepend_ones(dmask, n)
-            else:
-                kw["use_cache"] = False
-                kw["decoder_attention_mask"] = inputs.prefix_attention_mask(dmask, batch, length, 0, n, True, dtype,
-                                                                            dec.device)
-            return kw, True
-
-        return pre
+        return post
 
     # ------------------------------------------------------------------------- peft config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
@@ -461,9 +361,9 @@ class PrefixTuning(Method):
             "task_type": inputs.peft_task_type(model),
             "num_virtual_tokens": self.num_virtual_tokens,
             "token_dim": layout.kv_heads * layout.head_dim if layout else None,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": 2 if layout and layout.seq2seq else 1,
             "num_attention_heads": layout.kv_heads if layout else None,
-            "num_layers": len(layout.sites) if layout else None,
+            "num_layers": layout.layers if layout else None,
             "encoder_hidden_size": self.encoder_hidden_size or hidden,
             "prefix_projection": self.projection,
             "modules_to_save": list(self.modules_to_save) or None,
@@ -474,9 +374,12 @@ class PrefixTuning(Method):
     def from_config(cls, config: dict[str, Any]) -> PrefixTuning:
         if "peftlab_method" in config or config.get("peft_type") != cls.peft_type:
             return super().from_config(config)
-        _check_submodules(config, cls.method_name)
+        # peft prefixes a seq2seq decoder with num_transformer_submodules=2 (self-attention; the
+        # cross-attention copy is dropped), the layout peftlab builds, so both values are accepted.
+        if (config.get("num_transformer_submodules") or 1) not in (1, 2):
+            raise ConfigError(f"prefix_tuning: num_transformer_submodules="
+                              f"{config['num_transformer_submodules']} is not a layout peft or peftlab writes")
         return cls(num_virtual_tokens=int(config["num_virtual_tokens"]),
                    projection=bool(config.get("prefix_projection", False)),
                    encoder_hidden_size=config.get("encoder_hidden_size"),
                    modules_to_save=tuple(config.get("modules_to_save") or ()))
-

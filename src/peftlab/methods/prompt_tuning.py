@@ -23,7 +23,7 @@ Files follow peft: a single tensor ``prompt_embeddings`` (``N x hidden``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -71,8 +71,12 @@ class PromptTuning(Method):
     the embedding table's standard deviation) or 'text' (embeddings of ``init_text``)."""
     init_text: str | None = None
     """Text whose tokens initialise the prompt (repeated or cut to ``num_virtual_tokens``)."""
-    tokenizer_name_or_path: str | None = None
-    """Local tokenizer directory, or an embedded model name (peftlab.models), for ``init='text'``."""
+    init_token_ids: tuple[int, ...] = ()
+    """The tokens of ``init_text``: given, or made from it by ``tokenizer`` when the method is built.
+    Saved with the adapter, so a file never needs (or names) a tokenizer."""
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+    """The caller's tokenizer (any callable returning ``{"input_ids": [...]}``), used once to turn
+    ``init_text`` into ``init_token_ids``; never saved. peftlab never loads a tokenizer by name."""
     seed: int = 0
     """Seed of the 'vocab' and 'random' initialisations."""
 
@@ -94,10 +98,20 @@ class PromptTuning(Method):
             raise ConfigError(f"{self.method_name}: init must be one of {INITS} (got {self.init!r})")
         if self.init == "text" and not self.init_text:
             raise ConfigError(f"{self.method_name}: init='text' needs init_text (a description of the task)")
-        if self.init == "text" and not self.tokenizer_name_or_path:
-            raise ConfigError(f"{self.method_name}: init='text' needs a tokenizer to turn init_text into tokens; "
-                              "pass tokenizer_name_or_path (a local tokenizer directory or an embedded model "
-                              "name such as 'smollm2-135m'), or use init='vocab'")
+        if self.init == "text" and not self.init_token_ids:
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.method_name}: init='text' needs a tokenizer to turn init_text into tokens; "
+                                  "pass tokenizer=<the model's tokenizer> (or init_token_ids), or use init='vocab'")
+            ids = list(self.tokenizer(self.init_text, add_special_tokens=False)["input_ids"])
+            object.__setattr__(self, "init_token_ids", tuple(int(i) for i in ids))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.init_token_ids):
+            raise ConfigError(f"{self.method_name}: init_token_ids must be integers (got {self.init_token_ids!r})")
+        object.__setattr__(self, "tokenizer", None)  # used once; a built method holds no tokenizer
+
+    def options(self) -> dict[str, Any]:
+        opts = super().options()
+        opts.pop("tokenizer", None)
+        return opts
 
     # ------------------------------------------------------------------------- building
     def _check_model(self, model: nn.Module) -> nn.Embedding:
@@ -113,7 +127,7 @@ class PromptTuning(Method):
     def _init_ids(self, vocab: int) -> torch.Tensor:
         n = self.num_virtual_tokens
         if self.init == "text":
-            ids = _tokenize(self.init_text or "", self.tokenizer_name_or_path or "")
+            ids = list(self.init_token_ids)
             if not ids:
                 raise ConfigError(f"{self.method_name}: init_text {self.init_text!r} has no tokens")
             ids = (ids * (n // len(ids) + 1))[:n]
@@ -194,12 +208,19 @@ class PromptTuning(Method):
     def _model_pre(self, model: nn.Module, name: str) -> inputs.PreFn:
         n = self.num_virtual_tokens
         takes_positions = inputs.accepts(model, "position_ids")
+        cache_arg = inputs.cache_argument(model)
 
         def pre(_: nn.Module, kw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
             if kw.get("input_ids") is None and kw.get("inputs_embeds") is None:
                 return kw, None
             mask = inputs.two_d_mask(kw.get("attention_mask"), self.method_name)
-            past = inputs.cache_length(kw.get("past_key_values"))
+            cache = inputs.pop_cache(kw)
+            if cache is not None:
+                if cache_arg is None:
+                    raise ConfigError(f"{self.method_name}: a key/value cache was passed to "
+                                      f"{type(model).__name__}, whose forward takes none")
+                kw[cache_arg] = cache
+            past = inputs.cache_length(cache)
             fresh = past == 0
             device = model.get_input_embeddings().weight.device
             if fresh:
@@ -303,19 +324,3 @@ def _check_submodules(config: dict[str, Any], method: str) -> None:
         raise ConfigError(f"{method}: this peft adapter also prompts the decoder of an encoder-decoder model "
                           f"(num_transformer_submodules={config['num_transformer_submodules']}); peftlab prompts "
                           "the encoder only")
-
-
-def _tokenize(text: str, tokenizer: str) -> list[int]:
-    from peftlab import models
-
-    try:
-        if tokenizer in models.names():
-            _, tok = models.load(tokenizer, with_tokenizer=True)
-        else:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer {tokenizer!r} for init_text ({e}); pass a local "
-                          "tokenizer directory or an embedded model name") from None
-    return list(tok(text, add_special_tokens=False)["input_ids"])
