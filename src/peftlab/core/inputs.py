@@ -153,6 +153,14 @@ def layer_key_values(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor
     return k, v
 
 
+def checkpointing_activations(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on (transformers renamed the flag in 5.x)."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if flag in dir(type(model)):
+            return bool(getattr(model, flag))
+    return False
+
+
 # ----------------------------------------------------------------------------- helpers
 def cache_length(cache: Any) -> int:
     """Tokens already held by a transformers ``Cache`` (0 for None)."""
