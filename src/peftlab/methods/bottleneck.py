@@ -16,9 +16,13 @@ model at initialisation. ``LN`` (optional) is a trainable layer norm on the adap
   output only (AdapterHub's ``pfeiffer``: reduction factor 16, ReLU); half the adapters of Houlsby
   for about the same score in that paper.
 
-Where the sublayers are is one entry per architecture in :data:`ARCHITECTURES` (``bert``,
-``roberta``, ``llama``, ``mistral``, ``qwen2``, ``gpt2``, ...). Another architecture is one
-:func:`register_architecture` call, or the ``architecture`` option of a single adapter.
+Where the sublayers are is found from the model's structure (:func:`discover_sites`): the
+blocks are the module lists whose blocks each hold an attention module (an encoder's and a
+decoder's, in forward order); in each block the attention output is the last hidden-size linear
+layer inside its (self-)attention module and the feed-forward output the last one outside every
+attention module (a mixture-of-experts block with fused expert tensors is itself the site).
+:data:`ARCHITECTURES` (via :func:`register_architecture`) and the ``architecture`` option of a
+single adapter are overrides for a model whose structure says otherwise.
 
 **AdapterDrop** (Rücklé et al., 2021, https://arxiv.org/abs/2010.11918): ``drop_first=k`` puts no
 adapter in the first ``k`` blocks (training and inference); ``robust_drop=True`` drops the
@@ -80,14 +84,9 @@ class Architecture:
         return cls(**{k: str(d[k]) for k in keys})
 
 
-_BERT = Architecture("encoder.layer", "attention.output.dense", "output.dense", "attention", "intermediate")
-_LLAMA = Architecture("layers", "self_attn.o_proj", "mlp.down_proj", "self_attn", "mlp")
-ARCHITECTURES: dict[str, Architecture] = {
-    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "camembert": _BERT,
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gpt2": Architecture("h", "attn.c_proj", "mlp.c_proj", "attn", "mlp"),
-}
-"""``config.model_type`` -> :class:`Architecture`. Adding an architecture is adding one entry."""
+ARCHITECTURES: dict[str, Architecture] = {}
+"""``config.model_type`` -> :class:`Architecture`: overrides for a model whose structure
+:func:`discover_sites` reads wrongly. Empty by default: every architecture tested is found."""
 _EXAMPLE = ('{"blocks": "model.layers", "attn_out": "self_attn.o_proj", "ffn_out": "mlp.down_proj", '
             '"attn_in": "self_attn", "ffn_in": "mlp"}')
 
@@ -97,17 +96,131 @@ def register_architecture(model_type: str, arch: Architecture) -> None:
     ARCHITECTURES[model_type] = arch
 
 
-def architecture(model: nn.Module, override: dict[str, str] | None = None) -> Architecture:
-    """The map entry for ``model`` (``override``, given as a dict, wins)."""
+def architecture(model: nn.Module, override: dict[str, str] | None = None) -> Architecture | None:
+    """The override for ``model`` (``override``, given as a dict, wins over the map), or None:
+    its sites are then found from its structure (:func:`discover_sites`)."""
     if override:
         return Architecture.from_dict(override)
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
-    raise TargetError(
-        f"adapters do not know where the sublayers of {type(model).__name__} (model_type {model_type!r}) are; "
-        f"known model types: {sorted(ARCHITECTURES)}. Pass architecture={_EXAMPLE} (module paths for your "
-        "model), or add an entry with peftlab.methods.bottleneck.register_architecture(model_type, Architecture(...)).")
+    return ARCHITECTURES.get(model_type)
+
+
+# ----------------------------------------------------------------------------- structure
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or "Conv1D" in {c.__name__ for c in type(module).__mro__}
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower()
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The model's hidden size from its (text) config."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _holds_attention(module: nn.Module) -> bool:
+    return any(_is_attention(m) for m in module.modules())
+
+
+def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The lists of transformer blocks, in forward order (an encoder's before a decoder's): module
+    lists whose every element holds an attention module, and that sit in no other such list."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        if any(path.startswith(p + ".") for p, _ in found):
+            continue
+        if all(_holds_attention(b) for b in module) and len({type(b) for b in module}) == 1 \
+                and not _is_attention(module[0]):
+            found.append((path, module))
+    return found
+
+
+def _base_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules`` of the base model only: what adapters added inside an adapted layer is skipped."""
+    out: list[tuple[str, nn.Module]] = []
+    adapted: list[str] = []
+    for p, m in module.named_modules():
+        if any(p == q or p.startswith(q + ".") for q in adapted):
+            continue
+        out.append((p, m))
+        if isinstance(m, AdapterLayer):
+            adapted += [f"{p}.{c}" if p else c for c in m.adapter_containers]
+    return out
+
+
+def _block_sites(model: nn.Module, path: str, block: nn.Module, index: int, d: int) -> dict[str, Site]:
+    """The attention and feed-forward sites of one block (self-attention only; cross-attention and
+    the layers around them are left alone)."""
+    named = _base_modules(block)
+    attn = [(p, m) for p, m in named if p and _is_attention(m)]
+    if not attn:
+        return {}
+    top_attn = [(p, m) for p, m in attn if not any(p.startswith(q + ".") for q, _ in attn if q != p)]
+    a_path, a_mod = top_attn[0]
+    in_attention = [q for q, _ in top_attn]
+    sites: dict[str, Site] = {}
+    a_linears = [f"{a_path}.{p}" for p, m in _base_modules(a_mod) if p and _is_linear(m) and width(m) == d]
+    if a_linears:
+        sites["attn"] = Site(index, "attn", f"{path}.{a_linears[-1]}", f"{path}.{a_path}")
+
+    def outside(p: str) -> bool:
+        return not any(p == q or p.startswith(q + ".") for q in in_attention)
+
+    ffn = [(p, m) for p, m in named if p and outside(p) and _is_linear(m)]
+    outs = [p for p, m in ffn if width(m) == d]
+
+    def top(p: str) -> str:  # the outermost module under the block that holds p and no attention
+        parts = p.split(".")
+        for k in range(1, len(parts) + 1):
+            cand = ".".join(parts[:k])
+            if not _holds_attention(block.get_submodule(cand)):
+                return cand
+        return p
+
+    if outs:
+        sites["ffn"] = Site(index, "ffn", f"{path}.{outs[-1]}", f"{path}.{top(ffn[0][0])}")
+    else:  # mixture of experts with fused expert tensors: the expert block itself is the site
+        moe = [p for p, m in block.named_children() if outside(p) and not _holds_attention(m)
+               and any(q.dim() >= 3 for q in m.parameters())]
+        if moe:
+            sites["ffn"] = Site(index, "ffn", f"{path}.{moe[0]}", f"{path}.{moe[0]}")
+    return sites
+
+
+def discover_sites(model: nn.Module) -> list[dict[str, Site]]:
+    """Every block's sites, in forward order, found from the model's structure: the blocks are the
+    module lists of :func:`block_lists`; in each, the attention output is the last linear layer of
+    hidden-size output inside the first attention module, the feed-forward output the last such
+    layer outside every attention module, and the parallel form's inputs are the attention module
+    and the outermost module holding the first feed-forward layer."""
+    d = hidden_size(model)
+    lists = block_lists(model)
+    if d is None or not lists:
+        raise TargetError(
+            f"adapters found no transformer blocks in {type(model).__name__} (module lists whose blocks hold an "
+            f"attention module, with a config stating the hidden size). Pass architecture={_EXAMPLE} (module "
+            "paths for your model), or add an entry with peftlab.methods.bottleneck.register_architecture(...)")
+    out: list[dict[str, Site]] = []
+    for path, layers in lists:
+        for i, block in enumerate(layers):
+            out.append(_block_sites(model, f"{path}.{i}", block, len(out), d))
+    return out
+
+
+def all_blocks(model: nn.Module, arch: Architecture | None) -> list[nn.Module]:
+    """The transformer blocks in forward order (from the override, or found from the structure)."""
+    if arch is not None:
+        return list(blocks(model, arch)[1])
+    return [b for _, layers in block_lists(model) for b in layers]
 
 
 def blocks(model: nn.Module, arch: Architecture) -> tuple[str, nn.ModuleList]:
@@ -131,8 +244,20 @@ class Site:
     inp: str
 
 
-def find_sites(model: nn.Module, arch: Architecture, placement: tuple[str, ...], drop_first: int) -> list[Site]:
+def find_sites(model: nn.Module, arch: Architecture | None, placement: tuple[str, ...],
+               drop_first: int) -> list[Site]:
     """Every adapter site of ``model`` in forward order; raises before anything changes."""
+    if arch is None:
+        found = discover_sites(model)
+        if not 0 <= drop_first < len(found):
+            raise ConfigError(f"drop_first={drop_first} but {type(model).__name__} has {len(found)} blocks; "
+                              f"use 0..{len(found) - 1}")
+        sites = [b[kind] for b in found[drop_first:] for kind in PLACES if kind in placement and kind in b]
+        lacking = sorted({kind for b in found for kind in placement if kind not in b})
+        if lacking:
+            raise TargetError(f"adapters found no {' or '.join(lacking)} output projection in some blocks of "
+                              f"{type(model).__name__}; pass architecture={_EXAMPLE} or a placement without it")
+        return sites
     path, layers = blocks(model, arch)
     if not 0 <= drop_first < len(layers):
         raise ConfigError(f"drop_first={drop_first} but {type(model).__name__} has {len(layers)} blocks; "
@@ -153,13 +278,22 @@ def find_sites(model: nn.Module, arch: Architecture, placement: tuple[str, ...],
     return sites
 
 
-def width(module: nn.Module) -> int:
-    """Output width of a sublayer's output module (``nn.Linear`` or GPT-2 ``Conv1D``)."""
+def width(module: nn.Module, model: nn.Module | None = None) -> int:
+    """Output width of a sublayer's output module (``nn.Linear``, GPT-2 ``Conv1D``, or a
+    mixture-of-experts block, whose output has the model's hidden size)."""
     if isinstance(module, nn.Linear):
         return module.out_features
     if "Conv1D" in {c.__name__ for c in type(module).__mro__}:
         return int(module.weight.shape[1])
+    d = hidden_size(model) if model is not None else None
+    if d is not None:
+        return d
     raise TargetError(f"adapter sites must be linear output projections, got {type(module).__name__}")
+
+
+def reference_tensor(module: nn.Module) -> torch.Tensor:
+    """A tensor whose device and dtype the site's adapter takes."""
+    return next(t for t in module.parameters()) if not hasattr(module, "weight") else module.weight
 
 
 def adapter_dtype(ref: torch.Tensor) -> torch.dtype:
@@ -390,9 +524,9 @@ class AdapterMethod(Method):
         modules = []
         for site in sites:
             out = model.get_submodule(site.out)
-            modules.append(self.build(width(out), out.weight, shared))
+            modules.append(self.build(width(out, model), reference_tensor(out), shared))
         if self.robust_drop:
-            state = RobustDrop(len(blocks(model, architecture(model, self.architecture))[1]))
+            state = RobustDrop(len(all_blocks(model, architecture(model, self.architecture))))
             for m in modules:
                 m.drop_state = state
             modules[0].draws = True

@@ -36,8 +36,8 @@ from torch import nn
 from peftlab.core import slots
 from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.method import Method, _jsonable, method_class, register
-from peftlab.methods.bottleneck import (OWNER, AdapterMethod, BottleneckLayer, adapter_dtype, architecture, blocks,
-                                        bottleneck_layers, install, width)
+from peftlab.methods.bottleneck import (OWNER, AdapterMethod, BottleneckLayer, adapter_dtype, all_blocks, architecture,
+                                        bottleneck_layers, install, reference_tensor, width)
 
 
 class FusionUnit(nn.Module):
@@ -140,9 +140,10 @@ class Fusion(Method):
         units = []
         for site in sites:
             out = model.get_submodule(site.out)
-            d = width(out)
-            unit = FusionUnit(d, {n: m.build(d, out.weight, shared[n]) for n, m in members.items()},
-                              device=out.weight.device, dtype=adapter_dtype(out.weight))
+            d = width(out, model)
+            ref = reference_tensor(out)
+            unit = FusionUnit(d, {n: m.build(d, ref, shared[n]) for n, m in members.items()},
+                              device=ref.device, dtype=adapter_dtype(ref))
             unit.members.requires_grad_(self.train_adapters)
             units.append(unit)
         install(model, name, sites, units, any(m.parallel for m in members.values()))
@@ -251,7 +252,7 @@ def parallel_forward(model: nn.Module, inputs: dict[str, torch.Tensor], names: S
         raise AdapterStateError(f"parallel_forward: no adapter named {missing or names} (adapters: {sorted(reg.adapters)})")
     method = reg.adapters[names[0]].method
     arch = architecture(model, getattr(method, "architecture", None))
-    _, block_list = blocks(model, arch)
+    block_list = all_blocks(model, arch)
     layers = [layer for _, layer in bottleneck_layers(model)]
     prev_active = list(reg.active)
     api.use(model, *names)
