@@ -1,0 +1,223 @@
+"""Operations are transactions: a change to a model either completes or leaves no trace.
+
+Usage::
+
+    from peftlab.core.transaction import transaction
+
+    with transaction(model):
+        ...  # change the model in any way
+    # on an exception inside the block the model is exactly as it was before the block, and the
+    # exception propagates unchanged
+
+Every public operation (``attach``, ``detach``, ``use``, ``merge``, ``unmerge``,
+``merge_and_unload``, ``load``) runs its changes inside one; a method's ``attach`` needs no
+rollback code of its own.
+
+What a transaction restores, and how (nothing is deep-copied, so it costs a few dictionary copies
+per module and works on the meta device):
+
+* **Structure**, from a snapshot taken on entry: every module reachable from ``model`` gets back
+  its class (an adapter's or a quantized layer's class swap is undone), its ``__dict__`` (the
+  same attribute objects) and the contents of every dict, list and set in it, restored *in place*:
+  ``_parameters``, ``_buffers``, ``_modules`` (the same ``Parameter`` and submodule objects, so
+  identity holds), every hook dictionary (hook handles taken before the block still work), and
+  per-layer state such as ``peftlab_merged``. The registry (``model.peftlab``) and each of its
+  slots are restored the same way. Objects held *inside* those containers are not snapshotted:
+  replace them rather than mutate them in place (the frozen ``Method`` configs already are).
+* **``requires_grad``** and the **version counter** of every parameter and buffer reachable on
+  entry (the exact merge/unmerge bookkeeping of ``core.layer`` relies on version counters).
+* **Values** written in place into tensors that existed on entry. Shape-changing or
+  identity-changing operations are covered by the snapshot; an in-place write is not visible to
+  it, so code that writes into an existing tensor logs the write first, in one of two ways:
+
+  - :func:`before_write` ``(tensor)``: keeps a copy of the tensor's value (once per transaction;
+    the cost is the tensor's size, so use it for small tensors such as biases, or where no exact
+    inverse exists);
+  - :func:`on_undo` ``(fn, *written)``: registers an exact inverse that costs no copy (the merge of an
+    adapter is undone by its exact unmerge). Undo steps run in reverse order, *after* the
+    structure is restored, so they may use only state that existed when the transaction began.
+
+  Writes into tensors created inside the transaction need no log: those tensors go away.
+
+Transactions nest: an inner one restores its own start on failure (so a caller that catches the
+inner error keeps a consistent model); when it succeeds its log joins the enclosing one's, so the
+outer block can still undo everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Transaction", "before_write", "on_undo", "transaction"]
+
+_state = threading.local()
+
+
+def _stack() -> list[Transaction]:
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    return stack
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+_Contents = dict | list | set
+
+
+class _ObjectState:
+    """An object's class and ``__dict__``, with the contents of its dict/list/set attributes."""
+
+    __slots__ = ("obj", "cls", "attrs", "contents")
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.cls = type(obj)
+        self.attrs: dict[str, Any] = dict(obj.__dict__)
+        self.contents: dict[str, Any] = {}
+        for key, value in self.attrs.items():
+            if isinstance(value, dict):
+                self.contents[key] = list(value.items())
+            elif isinstance(value, (list, set)):
+                self.contents[key] = list(value)
+
+    def restore(self) -> None:
+        obj, d = self.obj, self.obj.__dict__
+        if type(obj) is not self.cls:
+            object.__setattr__(obj, "__class__", self.cls)
+        for key in [k for k in d if k not in self.attrs]:
+            del d[key]
+        for key, value in self.attrs.items():
+            d[key] = value
+            saved = self.contents.get(key)
+            if saved is None:
+                continue
+            if isinstance(value, dict):
+                value.clear()
+                value.update(saved)
+            elif isinstance(value, list):
+                value[:] = saved
+            else:
+                value.clear()
+                value.update(saved)
+
+
+class Transaction:
+    """The snapshot and undo log of one :func:`transaction` block (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        objects: list[Any] = list(model.modules())
+        registry = model.__dict__.get("peftlab")
+        if registry is not None:
+            objects.append(registry)
+            objects.extend(getattr(registry, "adapters", {}).values())
+        self._objects = [_ObjectState(o) for o in objects]
+        tensors: dict[int, torch.Tensor] = {}
+        for m in model.modules():
+            for t in [*m._parameters.values(), *m._buffers.values()]:
+                if t is not None:
+                    tensors.setdefault(id(t), t)
+        self._tensors = tensors
+        self._flags = {i: (t.requires_grad, _version(t)) for i, t in tensors.items()}
+        self._saved: dict[int, torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._covered: set[int] = set()
+
+    def tracks(self, t: torch.Tensor) -> bool:
+        return id(t) in self._tensors and self._tensors[id(t)] is t
+
+    def needs(self, t: torch.Tensor) -> bool:
+        """Whether a write into ``t`` must be logged here (tracked, value not kept yet)."""
+        return self.tracks(t) and id(t) not in self._saved
+
+    def join(self, outer: Transaction) -> None:
+        """Hand this (committed) transaction's undo steps to the enclosing one (kept values are
+        already there: :func:`before_write` gives them to every open transaction)."""
+        outer._undo.extend(self._undo)
+        outer._covered |= {i for i in self._covered if i in outer._tensors}
+
+    def rollback(self) -> list[str]:
+        """Restore the state of entry; returns what could not be restored (empty when exact)."""
+        problems: list[str] = []
+        unlogged = [tuple(t.shape) for i, t in self._tensors.items()
+                    if self._flags[i][1] is not None and _version(t) != self._flags[i][1]
+                    and i not in self._saved and i not in self._covered]
+        for state in reversed(self._objects):
+            state.restore()
+        for fn in reversed(self._undo):
+            try:
+                fn()
+            except Exception as e:  # keep restoring the rest; the caller reports it
+                problems.append(f"an undo step failed ({type(e).__name__}: {e})")
+        with torch.no_grad():
+            for i, value in self._saved.items():
+                self._tensors[i].copy_(value)
+        for i, t in self._tensors.items():
+            grad, version = self._flags[i]
+            if t.requires_grad != grad:
+                t.requires_grad_(grad)
+            if version is not None and _version(t) != version:
+                torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+        if unlogged:
+            problems.append(f"{len(unlogged)} tensor(s) were written in place without before_write/on_undo "
+                            f"(shapes {unlogged[:4]}); their values may differ")
+        self._saved.clear()
+        self._undo.clear()
+        self._covered.clear()
+        return problems
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module) -> Iterator[Transaction]:
+    """Run the block as one transaction on ``model``: on any exception the model is restored
+    exactly (see the module docstring) and the exception propagates."""
+    tx = Transaction(model)
+    stack = _stack()
+    stack.append(tx)
+    try:
+        yield tx
+    except BaseException as e:
+        stack.pop()
+        problems = tx.rollback()
+        for p in problems:
+            e.add_note(f"peftlab could not fully undo the failed operation: {p}")
+        raise
+    else:
+        stack.pop()
+        if stack:
+            tx.join(stack[-1])
+
+
+def before_write(tensor: torch.Tensor) -> None:
+    """Call before writing into ``tensor`` in place: every open transaction that knew ``tensor``
+    on entry keeps its value (one copy, shared). A no-op outside a transaction and for tensors
+    created inside it."""
+    copy: torch.Tensor | None = None
+    for tx in _stack():
+        if tx.needs(tensor):
+            if copy is None:
+                with torch.no_grad():
+                    copy = tensor.detach().clone()
+            tx._saved[id(tensor)] = copy
+
+
+def on_undo(fn: Callable[[], None], *written: torch.Tensor) -> None:
+    """Register ``fn`` as the exact inverse of a write just made into the tensors ``written``
+    (a no-op outside a transaction). It runs on rollback, in reverse order, after the structure
+    is restored, so it may use only state that existed when the transaction began."""
+    stack = _stack()
+    if stack:
+        stack[-1]._undo.append(fn)
+        stack[-1]._covered.update(id(t) for t in written if stack[-1].tracks(t))
