@@ -66,10 +66,10 @@ def test_linear_update_formula_and_scaling():
 
 
 def test_rslora_scale():
-    m = nn.Sequential(nn.Linear(5, 3))
+    m = nn.Sequential(nn.Linear(20, 16))
     peftlab.attach(m, "lora", r=16, alpha=8, rslora=True, target_modules=["0"])
     assert m[0].peftlab_scaling["default"] == pytest.approx(8 / math.sqrt(16))
-    m2 = nn.Sequential(nn.Linear(5, 3))
+    m2 = nn.Sequential(nn.Linear(20, 16))
     peftlab.attach(m2, "lora", r=16, alpha=8, target_modules=["0"])
     assert m2[0].peftlab_scaling["default"] == pytest.approx(8 / 16)
 

@@ -3,6 +3,10 @@
 Every function takes the user's own model (a transformers model or any ``nn.Module``) and works
 in place; there is no wrapper model, so ``model.generate``, ``model.save_pretrained`` of the base
 and ``transformers.Trainer`` see the model they know.
+
+Every function that changes the model is a transaction (``core.transaction``): it validates what
+it can first, then makes its changes inside ``transaction(model)``, so on any error the model
+(module classes, parameters, requires_grad, buffers, hooks, the registry) is exactly as before.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import torch
 from torch import nn
 
 from peftlab.core import slots
-from peftlab.core.errors import AdapterStateError, ConfigError
+from peftlab.core.errors import AdapterStateError, ConfigError, NonFiniteError
 from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
 from peftlab.core.method import Method, get_method
 from peftlab.core.slots import CopyLayer, Slot, registry
+from peftlab.core.transaction import transaction
 
 
 def attach(model: nn.Module, method: Method | str, name: str = "default", *, trainable: bool = True,
@@ -41,31 +46,31 @@ def attach(model: nn.Module, method: Method | str, name: str = "default", *, tra
         method = get_method(method, **options)
     elif options:
         raise ConfigError("pass options either inside the Method instance or with a method name, not both")
+    elif not isinstance(method, Method):
+        raise ConfigError(f"method must be a peftlab Method or a method name such as 'lora' (got {method!r})")
     slots.check_name(name)
-    reg = registry(model, create=True)
-    if name in reg.adapters:
+    present = {n: s.method for n, s in registry(model).adapters.items()} if slots.has_adapters(model) else {}
+    if name in present:
         raise AdapterStateError(f"adapter {name!r} already exists; pick another name or peftlab.detach it first")
-    if not method.multi_adapter and reg.adapters:
+    if not method.multi_adapter and present:
         raise AdapterStateError(f"{method.method_name} does not share a model with other adapters "
-                                f"(present: {sorted(reg.adapters)})")
-    if any(not s.method.multi_adapter for s in reg.adapters.values()):
-        raise AdapterStateError(f"the model carries {sorted(reg.adapters)}, of a method that does not share a "
+                                f"(present: {sorted(present)})")
+    if any(not m.multi_adapter for m in present.values()):
+        raise AdapterStateError(f"the model carries {sorted(present)}, of a method that does not share a "
                                 "model with other adapters")
-    base_params = {id(p) for p in _base_parameters(model)}
-    reg.adapters[name] = Slot(method)
-    try:
+    with transaction(model):
+        base_params = {id(p) for p in _base_parameters(model)}
+        reg = registry(model, create=True)
+        reg.adapters[name] = Slot(method)
         slots.add_module_copies(model, name, tuple(method.modules_to_save))
         method.attach(model, name)
-    except BaseException:
-        _remove(model, name)
-        raise
-    for p in model.parameters():
-        if id(p) in base_params:
-            p.requires_grad_(False)
-    for p in adapter_parameters(model, name).values():
-        p.requires_grad_(trainable)
-    if activate:
-        use(model, name)
+        for p in model.parameters():
+            if id(p) in base_params:
+                p.requires_grad_(False)
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(trainable)
+        if activate:
+            use(model, name)
     return model
 
 
@@ -113,19 +118,20 @@ def use(model: nn.Module, *names: str) -> None:
                 raise AdapterStateError(f"adapters {claimed[k]!r} and {n!r} both train {k!r} in place; "
                                         "they cannot be active together")
             claimed[k] = n
-    for path, layer in adapter_layers(model):
-        if isinstance(layer, MergeableLayer):
-            for m in list(getattr(layer, "peftlab_merged", ())):
-                if m not in names:
-                    layer.unmerge_adapter(m)
-    for n, s in reg.adapters.items():
-        if n not in names:
-            slots.swap_out_base(model, s)
-    for n in names:
-        slots.swap_in_base(model, reg.adapters[n])
-    for _, layer in adapter_layers(model):
-        layer.peftlab_active = [n for n in names if n in layer.adapter_names()]
-    reg.active = list(names)
+    with transaction(model):
+        for path, layer in adapter_layers(model):
+            if isinstance(layer, MergeableLayer):
+                for m in list(getattr(layer, "peftlab_merged", ())):
+                    if m not in names:
+                        layer.unmerge_adapter(m)
+        for n, s in reg.adapters.items():
+            if n not in names:
+                slots.swap_out_base(model, s)
+        for n in names:
+            slots.swap_in_base(model, reg.adapters[n])
+        for _, layer in adapter_layers(model):
+            layer.peftlab_active = [n for n in names if n in layer.adapter_names()]
+        reg.active = list(names)
 
 
 @contextlib.contextmanager
@@ -138,36 +144,45 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapter_layers(model)]
     remerge = [(layer, list(getattr(layer, "peftlab_merged", ()))) for layer in layers
                if isinstance(layer, MergeableLayer)]
-    for layer, names in remerge:
-        for n in reversed(names):
-            layer.unmerge_adapter(n)
     swapped = [s for s in reg.adapters.values() if s.in_model and s.base_keys]
-    for s in swapped:
-        slots.swap_out_base(model, s)
-    for layer in layers:
-        layer.peftlab_disabled = True
-    was_disabled, reg.disabled = reg.disabled, True
+    with transaction(model):
+        for layer, names in remerge:
+            for n in reversed(names):
+                layer.unmerge_adapter(n)
+        for s in swapped:
+            slots.swap_out_base(model, s)
+        for layer in layers:
+            layer.peftlab_disabled = True
+        was_disabled, reg.disabled = reg.disabled, True
     try:
         yield model
     finally:
-        reg.disabled = was_disabled
-        for layer in layers:
-            layer.peftlab_disabled = False
-        for s in swapped:
-            slots.swap_in_base(model, s)
-        for layer, names in remerge:
-            for n in names:
-                layer.merge_adapter(n)
+        with transaction(model):
+            reg.disabled = was_disabled
+            for layer in layers:
+                layer.peftlab_disabled = False
+            for s in swapped:
+                slots.swap_in_base(model, s)
+            for layer, names in remerge:
+                for n in names:
+                    layer.merge_adapter(n)
 
 
 def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True) -> None:
     """Fold active adapters into the base weights (all active ones by default).
 
+    Refused, with nothing changed: an inactive or unmergeable adapter, a weight shared with
+    another module (tied input and output embeddings: merging would change both), and with
+    ``safe`` a result that is not finite in the weight's own dtype (an fp16 overflow).
+    Merged adapters unmerge exactly (:func:`unmerge`), in any dtype and any number of them.
+
     Args:
-        safe: Check every layer for NaN/inf before writing any weight; on failure nothing changes.
+        names: Adapters to merge (default: every active one).
+        safe: Check every layer for NaN/inf in its dtype before writing any weight
+            (:class:`~peftlab.core.errors.NonFiniteError`, a ``FloatingPointError``).
     """
     reg = registry(model)
-    names = list(reg.active) if names is None else list(names)
+    names = list(dict.fromkeys(reg.active if names is None else names))
     inactive = [n for n in names if n not in reg.active]
     if inactive:
         raise AdapterStateError(f"adapters {inactive} are not active; peftlab.use them before merging")
@@ -176,43 +191,68 @@ def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True
             m = reg.adapters[n].method
             raise AdapterStateError(f"adapter {n!r} ({m.method_name}) cannot be merged"
                                     + (f"; {m.merge_hint}" if m.merge_hint else ""))
-    if safe:
-        for n in names:
-            method = reg.adapters[n].method
-            bad = [p for p, layer in method.adapted_layers(model, n)
-                   if isinstance(layer, MergeableLayer) and not layer.merge_is_finite(n)]
-            if bad:
-                raise FloatingPointError(
-                    f"merging adapter {n!r} would put NaN/inf into {len(bad)} layer(s) "
-                    f"({', '.join(bad[:5])}); nothing was changed. Check the adapter's weights first.")
+    pending: dict[str, tuple[MergeableLayer, list[str]]] = {}
     for n in names:
-        reg.adapters[n].method.merge(model, n)
+        for path, layer in reg.adapters[n].method.adapted_layers(model, n):
+            if isinstance(layer, MergeableLayer) and n not in getattr(layer, "peftlab_merged", ()):
+                pending.setdefault(path, (layer, []))[1].append(n)
+    _refuse_tied(model, {path: layer for path, (layer, _) in pending.items()})
+    if safe:
+        bad = [f"{path} ({', '.join(ns)})" for path, (layer, ns) in pending.items() if not layer.merge_is_finite(ns)]
+        if bad:
+            raise NonFiniteError(
+                f"merging would put NaN/inf into {len(bad)} layer(s) in their dtype ({', '.join(bad[:5])}); "
+                "nothing was changed. Check the adapter's weights, or merge into a wider dtype "
+                "(model.to(torch.float32)) first.")
+    with transaction(model):
+        for n in names:
+            reg.adapters[n].method.merge(model, n)
+
+
+def _refuse_tied(model: nn.Module, layers: dict[str, MergeableLayer]) -> None:
+    """A weight that several modules share (tied embeddings) cannot take one module's update."""
+    paths: dict[int, list[str]] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(p), []).append(key)
+    for path, layer in layers.items():
+        keys = paths.get(id(layer._weight()), [])
+        if len(keys) > 1:
+            own = f"{path}.{layer.base_weight}"
+            others = [k for k in keys if k != own]
+            raise AdapterStateError(
+                f"cannot merge into {own}: it is the same tensor as {others} (tied input and output "
+                "embeddings), so merging would change those too; nothing was changed. Untie the weights first "
+                f"(m = model.get_submodule({path!r}); m.{layer.base_weight} = nn.Parameter(m.{layer.base_weight}"
+                ".detach().clone()); and config.tie_word_embeddings = False for transformers models), or attach "
+                f"the adapter without {path!r} (exclude_modules) and merge then.")
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo every merge (exactly: merge/unmerge cycles do not drift)."""
     reg = registry(model)
-    for n, s in reversed(list(reg.adapters.items())):
-        if s.method.mergeable:
-            s.method.unmerge(model, n)
+    with transaction(model):
+        for n, s in reversed(list(reg.adapters.items())):
+            if s.method.mergeable:
+                s.method.unmerge(model, n)
 
 
 def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
     """Merge the active adapters for good and remove every adapter: a plain model comes back,
     with its original module classes (``modules_to_save`` copies replace their originals)."""
     reg = registry(model)
-    merge(model, safe=safe)
-    with torch.no_grad():
-        for _, layer in slots.copy_layers(model):
-            live = [n for n in reg.active if n in layer.adapter_names()]
-            if live:
-                state = layer.peftlab_copy[live[0]].state_dict()
-                layer.restore().load_state_dict(state)
-    for _, layer in list(adapter_layers(model)):
-        layer.restore()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    del model.__dict__["peftlab"]
+    with transaction(model):
+        merge(model, safe=safe)
+        with torch.no_grad():
+            for _, layer in slots.copy_layers(model):
+                live = [n for n in reg.active if n in layer.adapter_names()]
+                if live:
+                    state = layer.peftlab_copy[live[0]].state_dict()
+                    layer.restore().load_state_dict(state)
+        for _, layer in list(adapter_layers(model)):
+            layer.restore()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        del model.__dict__["peftlab"]
     return model
 
 
@@ -236,16 +276,24 @@ def _remove(model: nn.Module, name: str) -> None:
 
 
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Remove adapter ``name`` (all adapters when None); the base model comes back exactly."""
+    """Remove adapter ``name`` (all adapters when None); the base model comes back exactly.
+
+    A merged adapter is unmerged first (exactly), so the base weights are the original ones.
+    """
     reg = registry(model)
     names = list(reg.adapters) if name is None else [name]
     for n in names:
         s = slots.slot(model, n)
-        if any(registry(model).originals.get(k) is None for k in s.base_keys):
+        if any(reg.originals.get(k) is None for k in s.base_keys):
             raise AdapterStateError(f"adapter {n!r} ({s.method.method_name}) trained the base weights in place "
                                     "without a copy; there is no base model to go back to")
-        s.method.detach(model, n)
-        _remove(model, n)
+    with transaction(model):
+        for n in names:
+            s = reg.adapters[n]
+            if s.method.mergeable:
+                s.method.unmerge(model, n)
+            s.method.detach(model, n)
+            _remove(model, n)
     return model
 
 

@@ -21,3 +21,7 @@ class AdapterFileError(PeftlabError, ValueError):
 
 class AdapterStateError(PeftlabError, RuntimeError):
     """An operation that does not fit the adapters' current state (unknown name, merged, ...)."""
+
+
+class NonFiniteError(PeftlabError, FloatingPointError):
+    """An operation whose result would hold NaN or inf (a merge that overflows the weight dtype)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import AdapterStateError
+from peftlab.core.transaction import before_write, on_undo
 
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
 
@@ -79,7 +80,8 @@ class AdapterLayer(nn.Module):
         """Undo :meth:`adopt`: drop every container and give the module its class back."""
         for c in self.adapter_containers:
             delattr(self, c)
-        for attr in ("peftlab_active", "peftlab_disabled", "peftlab_merged", "peftlab_merge_fix"):
+        for attr in ("peftlab_active", "peftlab_disabled", "peftlab_merged", "peftlab_merge_fix",
+                     "peftlab_weight_version"):
             self.__dict__.pop(attr, None)
         self.__class__ = type(self).base_class
         return self
@@ -145,8 +147,11 @@ class MergeableLayer(AdapterLayer):
     Merging is computed in fp32 whatever the weight dtype. It is *exactly* reversible: a merge
     records where ``round(round(W + dW) - dW)`` would not give back ``W`` (only elements whose
     binade changes, usually very few) with their original values, and the unmerge restores them,
-    so merge/unmerge cycles never drift, even in bf16. The record is dropped (plain subtraction)
-    if the adapter or the weight changed in between.
+    so merge/unmerge cycles never drift, even in bf16 and with several merged adapters (they
+    unmerge last-in first-out). The record is dropped (plain subtraction) if the adapter or the
+    weight changed since (``peftlab_weight_version``: the weight's version counter after the
+    layer's own last write). Every write is logged for the open transaction (``core.transaction``):
+    a merge is undone by its exact unmerge and an exact unmerge by the same merge, with no copy.
     """
 
     base_weight: ClassVar[str] = "weight"
@@ -160,12 +165,20 @@ class MergeableLayer(AdapterLayer):
     def _weight(self) -> torch.Tensor:
         return getattr(self, self.base_weight)
 
-    def _versions(self, name: str) -> tuple[int, ...]:
-        return (*(p._version for p in self.adapter_parameters(name).values()), self._weight()._version)
+    def _adapter_versions(self, name: str) -> tuple[int, ...]:
+        return tuple(p._version for p in self.adapter_parameters(name).values())
 
-    def merge_is_finite(self, name: str) -> bool:
+    def merge_is_finite(self, names: str | list[str]) -> bool:
+        """Whether merging ``names`` (one or several adapters) gives finite weights *in the
+        weight's dtype* (an fp16 sum can overflow where the fp32 one does not)."""
+        w = self._weight()
+        if w.device.type == "meta":
+            return True
         with torch.no_grad():
-            return bool(torch.isfinite(self._weight().float() + self.delta_weight(name)).all())
+            total = w.float()
+            for n in [names] if isinstance(names, str) else names:
+                total = total + self.delta_weight(n)
+            return bool(torch.isfinite(total.to(w.dtype)).all())
 
     @torch.no_grad()
     def merge_adapter(self, name: str) -> None:
@@ -183,8 +196,10 @@ class MergeableLayer(AdapterLayer):
         else:
             wrong = originals = torch.empty(0)
         w.copy_(new)
+        on_undo(lambda: self._subtract(name, wrong, originals), w)
         merged.append(name)
-        fixes[name] = (wrong, originals, self._versions(name))
+        fixes[name] = (wrong, originals, self._adapter_versions(name))
+        self.__dict__["peftlab_weight_version"] = w._version
 
     @torch.no_grad()
     def unmerge_adapter(self, name: str) -> None:
@@ -198,14 +213,26 @@ class MergeableLayer(AdapterLayer):
         for other in later:
             self.merge_adapter(other)
 
+    def _subtract(self, name: str, wrong: torch.Tensor | None, originals: torch.Tensor | None) -> None:
+        """``W - dW`` rounded to the weight dtype, then the recorded elements put back."""
+        w = self._weight()
+        w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+        if wrong is not None and originals is not None:
+            w.view(-1)[wrong] = originals
+
     def _unmerge_last(self) -> None:
         name = self.peftlab_merged.pop()
         wrong, originals, versions = self.peftlab_merge_fix.pop(name)
         w = self._weight()
-        delta = self.delta_weight(name)
-        w.copy_((w.float() - delta).to(w.dtype))
-        if versions[:-1] == self._versions(name)[:-1] and versions[-1] + 1 == w._version:
-            w.view(-1)[wrong] = originals
+        exact = (versions == self._adapter_versions(name)
+                 and self.__dict__.get("peftlab_weight_version") == w._version)
+        if exact:
+            self._subtract(name, wrong, originals)
+            on_undo(lambda: w.copy_((w.float() + self.delta_weight(name)).to(w.dtype)), w)
+        else:  # changed since the merge: plain subtraction, which has no exact inverse
+            before_write(w)
+            self._subtract(name, None, None)
+        self.__dict__["peftlab_weight_version"] = w._version
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
+from peftlab.core.transaction import before_write
 
 FILE_PREFIX = "base_model.model."
 """Prefix of every tensor key in an adapter file: peft's layout, so that peft loads our files."""
@@ -67,6 +70,9 @@ def methods() -> list[str]:
 def method_class(name: str) -> type[Method]:
     """The class registered under ``name``; an unknown name is an error listing the known ones."""
     _load_builtin_methods()
+    if not isinstance(name, str):
+        raise ConfigError(f"a method name must be a string such as 'lora' (got {name!r}); "
+                          f"known methods: {', '.join(sorted(_REGISTRY))}")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -131,6 +137,22 @@ class Method:
     """Whether the file holds the trainable parameters themselves. False where it holds a form
     derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,
     as peft does, so loading needs no encoder)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every method's fields are type-checked when it is built, before its own __post_init__.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_peftlab_checks_fields", False):
+            @functools.wraps(own)
+            def post_init(self: Method) -> None:
+                check_fields(self)
+                own(self)
+
+            post_init._peftlab_checks_fields = True  # type: ignore[attr-defined]
+            cls.__post_init__ = post_init  # type: ignore[attr-defined]
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     trains_base_weights: ClassVar[bool] = False
     """Whether the method trains the base model's own weights in full, in place and without a copy
@@ -258,6 +280,7 @@ class Method:
         """
         with torch.no_grad():
             for target, value in values.values():
+                before_write(target)  # a base tensor the adapter trains in place (new tensors need no log)
                 target.copy_(value.to(dtype=target.dtype))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
@@ -310,6 +333,110 @@ def method_from_config(config: dict[str, Any]) -> Method:
     known = sorted(c.peft_type for c in _REGISTRY.values() if c.peft_type)
     raise ConfigError(f"adapter config has peft_type {peft_type!r}, which peftlab does not read; "
                       f"readable peft types: {known}; peftlab methods: {sorted(_REGISTRY)}")
+
+
+# ----------------------------------------------------------------------------- field types
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # a hint that cannot be resolved (a class defined in a function): not checked
+            _HINTS[cls] = {}
+    return _HINTS[cls]
+
+
+_NO = object()
+
+
+def _conform(hint: Any, v: Any) -> Any:
+    """``v`` if it is a value of type ``hint`` (a list for a tuple, a scalar for a one-element
+    tuple: normalised to the tuple), else ``_NO``. Floats must be finite; bools are not ints."""
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return v
+    if hint is None or hint is type(None):
+        return v if v is None else _NO
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            out = _conform(arg, v)
+            if out is not _NO:
+                return out
+        return _NO
+    if hint is bool:
+        return v if isinstance(v, bool) else _NO
+    if hint is int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else _NO
+    if hint is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return v if ok else _NO
+    if origin is tuple or hint is tuple:
+        if not args:
+            return tuple(v) if isinstance(v, (list, tuple)) else _NO
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(v, (list, tuple)):
+                return (v,) if _conform(args[0], v) is not _NO else _NO
+            items = [_conform(args[0], x) for x in v]
+        else:
+            if not isinstance(v, (list, tuple)) or len(v) != len(args):
+                return _NO
+            items = [_conform(a, x) for a, x in zip(args, v)]
+        return _NO if any(x is _NO for x in items) else tuple(items)
+    if origin is dict or hint is dict:
+        if not isinstance(v, dict):
+            return _NO
+        if not args:
+            return v
+        pairs = [(_conform(args[0], k), _conform(args[1], x)) for k, x in v.items()]
+        if any(k is _NO or x is _NO for k, x in pairs):
+            return _NO
+        return v if all(k is k0 and x is x0 for (k, x), (k0, x0) in zip(pairs, v.items())) else dict(pairs)
+    if origin is list or hint is list:
+        if not isinstance(v, (list, tuple)):
+            return _NO
+        items = [_conform(args[0], x) for x in v] if args else list(v)
+        return _NO if any(x is _NO for x in items) else list(items)
+    if isinstance(hint, type):
+        return v if isinstance(v, hint) else _NO
+    return v
+
+
+def _describe(hint: Any) -> str:
+    if hint is bool:
+        return "true or false (a bool, not a string or a number)"
+    if hint is int:
+        return "an integer (not a bool)"
+    if hint is float:
+        return "a finite number"
+    if hint is str:
+        return "a string"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a list (each {_describe(args[0])})" if len(args) == 2 and args[1] is Ellipsis else \
+            f"a list of {len(args)} values"
+    if origin is dict:
+        return f"a dict from {_describe(args[0])} to {_describe(args[1])}" if args else "a dict"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_fields(method: Method) -> None:
+    """Check every field of ``method`` against its declared type (normalising lists to tuples);
+    a :class:`ConfigError` names the first field that does not fit."""
+    hints = _hints(type(method))
+    name = method.method_name or type(method).__name__
+    for f in dataclasses.fields(method):
+        if f.name not in hints:
+            continue
+        value = getattr(method, f.name)
+        fixed = _conform(hints[f.name], value)
+        if fixed is _NO:
+            raise ConfigError(f"{name}: {f.name} must be {_describe(hints[f.name])} (got {value!r})")
+        if fixed is not value:
+            object.__setattr__(method, f.name, fixed)
 
 
 def _jsonable(v: Any) -> Any:

@@ -25,8 +25,11 @@ from torch import nn
 from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.layer import AdapterLayer
 from peftlab.core.method import FILE_PREFIX, Method
+from peftlab.core.transaction import before_write, on_undo
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
+_RESERVED = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+"""Attributes of torch's module containers: adapters are stored under their names in them."""
 
 
 @dataclass
@@ -80,6 +83,9 @@ def check_name(name: str) -> str:
     if bad or not _NAME_RE.fullmatch(name):
         raise ConfigError(f"adapter name {name!r} is not allowed (contains {bad or 'other characters'}); "
                           "use letters, digits, '_' and '-' only, e.g. 'task_a'")
+    if name in _RESERVED:
+        raise ConfigError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict/nn.ParameterDict "
+                          f"(which hold adapters by name); pick another name, e.g. '{name}_adapter' or 'task_a'")
     return name
 
 
@@ -132,9 +138,12 @@ def swap_out_base(model: nn.Module, s: Slot) -> None:
         raise AdapterStateError(f"{s.method.method_name} trained the base weights in place without keeping "
                                 "the originals: the base model cannot be restored or switched away from")
     with torch.no_grad():
-        s.own = {k: _tensor(model, k).detach().clone() for k in s.base_keys}
+        own = {k: _tensor(model, k).detach().clone() for k in s.base_keys}
+        s.own = own
         for k in s.base_keys:
-            _tensor(model, k).copy_(reg.originals[k])
+            t = _tensor(model, k)
+            t.copy_(reg.originals[k])  # type: ignore[arg-type]
+            on_undo(lambda t=t, v=own[k]: t.copy_(v), t)  # the adapter's values were kept aside: no copy
 
 
 def swap_in_base(model: nn.Module, s: Slot) -> None:
@@ -143,7 +152,9 @@ def swap_in_base(model: nn.Module, s: Slot) -> None:
         return
     with torch.no_grad():
         for k in s.base_keys:
-            _tensor(model, k).copy_(s.own[k])  # type: ignore[index]
+            t = _tensor(model, k)
+            before_write(t)
+            t.copy_(s.own[k])  # type: ignore[index]
     s.own = None
 
 

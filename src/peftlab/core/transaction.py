@@ -156,12 +156,12 @@ class Transaction:
                     and i not in self._saved and i not in self._covered]
         for state in reversed(self._objects):
             state.restore()
-        for fn in reversed(self._undo):
-            try:
-                fn()
-            except Exception as e:  # keep restoring the rest; the caller reports it
-                problems.append(f"an undo step failed ({type(e).__name__}: {e})")
         with torch.no_grad():
+            for fn in reversed(self._undo):
+                try:
+                    fn()
+                except Exception as e:  # keep restoring the rest; the caller reports it
+                    problems.append(f"an undo step failed ({type(e).__name__}: {e})")
             for i, value in self._saved.items():
                 self._tensors[i].copy_(value)
         for i, t in self._tensors.items():

@@ -469,8 +469,9 @@ def adapter_drop(model: nn.Module, k: int) -> Iterator[nn.Module]:
 class AdapterMethod(Method):
     """Options every member of the adapter family shares (not registered itself)."""
 
-    reduction_factor: int = 16
-    """Bottleneck width = hidden size // reduction_factor (AdapterHub's convention)."""
+    reduction_factor: float = 16
+    """Bottleneck width = hidden size // reduction_factor (AdapterHub's convention); at least 1,
+    so that the adapter is no wider than the hidden size."""
     placement: tuple[str, ...] = ("attn", "ffn")
     """Sublayers that get an adapter: 'attn' (attention output) and/or 'ffn' (feed-forward output)."""
     non_linearity: str = "swish"
@@ -494,13 +495,14 @@ class AdapterMethod(Method):
 
     def __post_init__(self) -> None:
         name = self.method_name
-        if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
-            raise ConfigError(f"{name}: reduction_factor must be > 0 (got {self.reduction_factor!r}); 16 is usual")
+        if self.reduction_factor < 1:
+            raise ConfigError(f"{name}: reduction_factor must be >= 1 (got {self.reduction_factor!r}): the bottleneck "
+                              "is hidden size // reduction_factor wide and no wider than the hidden size; 16 is usual")
         if not self.placement or any(p not in PLACES for p in self.placement):
             raise ConfigError(f"{name}: placement must be a non-empty subset of {PLACES} (got {self.placement!r})")
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"{name}: non_linearity must be one of {sorted(ACTIVATIONS)} (got {self.non_linearity!r})")
-        if not isinstance(self.drop_first, int) or self.drop_first < 0:
+        if self.drop_first < 0:
             raise ConfigError(f"{name}: drop_first must be an integer >= 0 (got {self.drop_first!r})")
         if self.architecture:
             Architecture.from_dict(self.architecture)

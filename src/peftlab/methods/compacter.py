@@ -90,7 +90,7 @@ class CompacterAdapter(SiteAdapter):
 class Compacter(AdapterMethod):
     """Bottleneck adapters with Kronecker-factored (PHM) projections; ``placement=("ffn",)`` is Compacter++."""
 
-    reduction_factor: int = 32
+    reduction_factor: float = 32
     non_linearity: str = "gelu"
     phm_dim: int = 4
     """n: number of Kronecker terms and size of the shared rule matrices."""
@@ -106,7 +106,7 @@ class Compacter(AdapterMethod):
         super().__post_init__()
         for key in ("phm_dim", "phm_rank"):
             v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise ConfigError(f"compacter: {key} must be a positive integer (got {v!r})")
 
     def bottleneck(self, d: int) -> int:
@@ -117,6 +117,11 @@ class Compacter(AdapterMethod):
         if d % self.phm_dim:
             raise ConfigError(f"compacter: hidden size {d} is not divisible by phm_dim={self.phm_dim}; "
                               f"choose a phm_dim that divides {d} (e.g. 2, 4 or 8)")
+        m = self.bottleneck(d)
+        if self.phm_rank > max(d, m) // self.phm_dim:
+            raise ConfigError(f"compacter: phm_rank={self.phm_rank} is larger than the PHM blocks it factors "
+                              f"((d/n, m/n) = ({d // self.phm_dim}, {m // self.phm_dim}) for hidden size {d}, bottleneck "
+                              f"{m}, phm_dim {self.phm_dim}); use phm_rank <= {max(d, m) // self.phm_dim} (1 is usual)")
         adapter = CompacterAdapter(d, self.bottleneck(d), self.phm_dim, self.phm_rank, self.non_linearity,
                                    self.layer_norm, self.parallel, self.scaling, shared.get("owner"),
                                    device=ref.device, dtype=adapter_dtype(ref))

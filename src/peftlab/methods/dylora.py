@@ -45,7 +45,7 @@ from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
 from peftlab.core.targets import ALL_LINEAR, select
-from peftlab.methods.lora import LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, layer_kind
+from peftlab.methods.lora import LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, check_rank, layer_kind
 
 __all__ = ["DyLoRA", "begin_step", "set_rank", "truncate"]
 
@@ -85,8 +85,8 @@ class DyLoRALayer(LoRALayer):
         self.__dict__.setdefault("peftlab_dyrank", {})[name] = RankState(r_min, r_max, alpha, update_all, rank)
 
     def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)  # first: a merged adapter's unmerge needs its rank
         self.__dict__.get("peftlab_dyrank", {}).pop(name, None)
-        super().remove_adapter(name)
 
     def restore(self) -> nn.Module:
         self.__dict__.pop("peftlab_dyrank", None)
@@ -236,6 +236,8 @@ class DyLoRA(Method):
         if grouped:
             raise ConfigError(f"dylora: grouped convolutions are not supported ({grouped[:3]}); exclude them "
                               "with exclude_modules")
+        for path, module in modules.items():  # every check before any change
+            check_rank(module, self.r_max, path)
         for module in modules.values():
             layer = _KINDS[layer_kind(module)].adopt(module)  # type: ignore[index]
             assert isinstance(layer, DyLoRALayer)

@@ -33,7 +33,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
 from peftlab.core.targets import ALL_LINEAR, is_linear, select
-from peftlab.methods.lora import _adapter_dtype, pattern_value
+from peftlab.methods.lora import _adapter_dtype, check_patterns, pattern_value
 
 __all__ = ["FLoRA", "tucker"]
 
@@ -191,6 +191,7 @@ class FLoRA(Method):
                 raise ConfigError(f"flora: rank_pattern[{k!r}] must be a list of positive ranks, one per weight "
                                   f"mode, e.g. [32, 32, 2, 2] for a Conv2d (got {v!r})")
             pattern[k] = tuple(v)
+        check_patterns("flora", "rank_pattern", pattern)
         object.__setattr__(self, "rank_pattern", pattern)  # JSON lists -> tuples: equal after a round trip
 
     def ranks(self, path: str, module: nn.Module) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ from torch import nn
 from peftlab.core import slots
 from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.method import Method, _jsonable, method_class, register
+from peftlab.core.transaction import transaction
 from peftlab.methods.bottleneck import (OWNER, AdapterMethod, BottleneckLayer, adapter_dtype, all_blocks, architecture,
                                         bottleneck_layers, install, reference_tensor, width)
 
@@ -71,8 +72,9 @@ def member_method(name: str, config: dict[str, Any]) -> AdapterMethod:
     """The adapter method a member config describes (``{"method": "houlsby", ...options}``)."""
     opts = dict(config)
     kind = opts.pop("method", None)
-    if kind is None:
-        raise ConfigError(f"fusion: member {name!r} needs a 'method' key, e.g. {{'method': 'houlsby'}}")
+    if not isinstance(kind, str):
+        raise ConfigError(f"fusion: member {name!r} needs a 'method' key naming its method, e.g. "
+                          f"{{'method': 'houlsby'}} (got {kind!r})")
     cls = method_class(kind)
     if not issubclass(cls, AdapterMethod):
         raise ConfigError(f"fusion: member {name!r} is a {kind!r} adapter; fusion fuses bottleneck adapters "
@@ -176,15 +178,16 @@ def fuse(model: nn.Module, adapters: Sequence[str], name: str = "fusion", *, tra
                           f"({', '.join(present[n].method_name for n in wrong)}); fuse houlsby, pfeiffer or compacter adapters")
     method = Fusion(adapters={n: {"method": present[n].method_name, **present[n].options()} for n in adapters},
                     train_adapters=train_adapters, modules_to_save=tuple(modules_to_save))
-    api.attach(model, method, name, activate=activate)
-    for n in adapters:  # stage 2: the trained adapters stay as they are
-        for p in api.adapter_parameters(model, n).values():
-            p.requires_grad_(False)
-    with torch.no_grad():
-        for _, layer in bottleneck_layers(model):
-            if name in layer.adapters:
-                for n in adapters:
-                    layer.adapters[name].members[n].load_state_dict(layer.adapters[n].state_dict())
+    with transaction(model):
+        api.attach(model, method, name, activate=activate)
+        for n in adapters:  # stage 2: the trained adapters stay as they are
+            for p in api.adapter_parameters(model, n).values():
+                p.requires_grad_(False)
+        with torch.no_grad():
+            for _, layer in bottleneck_layers(model):
+                if name in layer.adapters:
+                    for n in adapters:
+                        layer.adapters[name].members[n].load_state_dict(layer.adapters[n].state_dict())
     return method
 
 

@@ -53,8 +53,8 @@ class LoRALayer(MergeableLayer):
         self.__dict__.setdefault("peftlab_scaling", {})[name] = alpha / (math.sqrt(r) if rslora else r)
 
     def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)  # first: a merged adapter's unmerge needs its scale
         self.__dict__.get("peftlab_scaling", {}).pop(name, None)
-        super().remove_adapter(name)
 
     def restore(self) -> nn.Module:
         self.__dict__.pop("peftlab_scaling", None)
@@ -79,6 +79,7 @@ class LoRALinearLayer(LoRALayer):
         return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        check_rank(self, r, type(self).__name__)
         d_in, d_out = self._shape()
         kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
         a, b = nn.Linear(d_in, r, bias=False, **kw), nn.Linear(r, d_out, bias=False, **kw)
@@ -104,6 +105,7 @@ class LoRAEmbeddingLayer(LoRALayer):
     parameter_containers = ("lora_embedding_A", "lora_embedding_B")
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        check_rank(self, r, type(self).__name__)
         num, dim = self.weight.shape
         kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
         a, b = nn.Parameter(torch.empty(r, num, **kw)), nn.Parameter(torch.empty(dim, r, **kw))
@@ -127,6 +129,7 @@ class LoRAConvLayer(LoRALayer):
     ``B`` is a 1x1 convolution, so ``delta W[o, i, ...] = s * sum_r B[o, r] A[r, i, ...]``."""
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        check_rank(self, r, type(self).__name__)
         conv = type(self).base_class
         kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
         a = conv(self.in_channels, r, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -169,6 +172,39 @@ def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoRAConvLayer
     return None
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of the map a LoRA update of ``module`` has (a convolution's input side
+    is its input channels times its kernel)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels * math.prod(module.kernel_size), module.out_channels
+    w = module.weight  # GPT-2 Conv1D: (d_in, d_out)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def check_rank(module: nn.Module, r: int, where: str) -> None:
+    """Refuse a rank above the layer's larger dimension: the update's rank cannot exceed the
+    smaller one, so such factors only add parameters (and an absurd rank would exhaust memory)."""
+    d_in, d_out = dims(module)
+    if r > max(d_in, d_out):
+        raise ConfigError(f"rank {r} for {where} is larger than both of its dimensions (d_in={d_in}, d_out={d_out}); "
+                          f"an update of this layer has rank at most {min(d_in, d_out)}. Lower r (or give this "
+                          "module its own rank with rank_pattern), or exclude it")
+
+
+def check_patterns(method: str, field_name: str, patterns: dict[str, Any]) -> None:
+    """Each key of a rank/alpha pattern must be a regular expression (matched on module paths)."""
+    for key in patterns:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ConfigError(f"{method}: {field_name} key {key!r} is not a regular expression ({e}); "
+                              "escape special characters, e.g. 'layers\\.0\\.q_proj'") from None
 
 
 def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -215,13 +251,19 @@ class LoRA(Method):
                                            "vs 86.4 for full fine-tuning")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        # field types (r an int and not a bool, alpha finite, bools real bools) are checked by Method
+        if self.r < 1:
             raise ConfigError(f"lora: r must be a positive integer (got {self.r!r}); 8 is a good start")
         for k, v in self.rank_pattern.items():
-            if not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise ConfigError(f"lora: rank_pattern[{k!r}] must be a positive integer (got {v!r})")
         if self.alpha <= 0:
             raise ConfigError(f"lora: alpha must be > 0 (got {self.alpha}); a common choice is 2 * r")
+        for k, v in self.alpha_pattern.items():
+            if v <= 0:
+                raise ConfigError(f"lora: alpha_pattern[{k!r}] must be > 0 (got {v!r})")
+        check_patterns("lora", "rank_pattern", self.rank_pattern)
+        check_patterns("lora", "alpha_pattern", self.alpha_pattern)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora: dropout must be in [0, 1) (got {self.dropout})")
         if self.bias not in BIAS_MODES:
@@ -239,11 +281,13 @@ class LoRA(Method):
             raise ConfigError(f"lora: grouped convolutions are not supported ({grouped[:3]}); exclude them "
                               "with exclude_modules")
         bias_keys = self._bias_keys(model, paths)
+        ranks = {p: pattern_value(self.rank_pattern, p, self.r) for p in paths}
+        for path, module in modules.items():  # every check before any change
+            check_rank(module, ranks[path], path)
         for path, module in modules.items():
             layer = layer_kind(module).adopt(module)  # type: ignore[union-attr]
-            r = pattern_value(self.rank_pattern, path, self.r)
             alpha = pattern_value(self.alpha_pattern, path, self.alpha)
-            layer.add_adapter(name, r, alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+            layer.add_adapter(name, ranks[path], alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
         if bias_keys:
             slots.train_base_tensors(model, name, bias_keys)
 
