@@ -144,8 +144,10 @@ def select(
             return True
         return isinstance(module, supported) or bool(_class_names(module) & set(supported_names))
 
-    def skipped(path: str, module: nn.Module) -> bool:
-        return any(matches(s, path, module) for s in skip)
+    skip_roots = [p for p, m in candidates if any(matches(s, p, m) for s in skip)]
+
+    def skipped(path: str, module: nn.Module) -> bool:  # a skipped module and everything inside it
+        return any(path == r or path.startswith(r + ".") for r in skip_roots)
 
     chosen: dict[str, None] = {}
     for entry in entries:

@@ -52,7 +52,9 @@ class BitFit(Method):
         keys = [k for k in keys if "peftlab_copy" not in k.split(".")
                 and not any(k.startswith(f"{c}.") or f".{c}." in f".{k}" for c in copies)]
         if not keys:
-            raise ConfigError(f"bitfit: {type(model).__name__} has no bias parameters (Llama-family models are "
-                              "built without biases); BitFit needs them. Use LoRA (peftlab.get_method('lora')) "
-                              "instead.")
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            raise ConfigError(f"bitfit: {type(model).__name__}"
+                              f"{f' (model_type {mt!r})' if mt else ''} has no bias parameters in the selected "
+                              "modules (many current architectures are built without biases); BitFit needs them. "
+                              "Use LoRA (peftlab.get_method('lora')) instead, or target modules that have biases.")
         slots.train_base_tensors(model, name, keys)

@@ -118,6 +118,11 @@ class PromptTuning(Method):
         if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
             raise ConfigError(f"{self.method_name} needs a transformers model with input embeddings "
                               f"({type(model).__name__} has no get_input_embeddings())")
+        if not isinstance(model.get_input_embeddings(), nn.Embedding):
+            kind = type(model.get_input_embeddings()).__name__
+            raise ConfigError(f"{self.method_name} prepends virtual tokens to a token-embedding table, but the "
+                              f"input embeddings of {type(model).__name__} are {kind} (not nn.Embedding: e.g. image "
+                              "patches); use lora, bitfit or an adapter (houlsby, pfeiffer) on this model")
         limit = inputs.max_positions(getattr(model, "config", None))
         if limit is not None and self.num_virtual_tokens >= limit:
             raise ConfigError(f"{self.method_name}: {self.num_virtual_tokens} virtual tokens leave no room in the "
