@@ -7,7 +7,8 @@ A target list holds entries of these forms (all JSON-serialisable):
 ``"*.attn.c_*"``    a glob (contains ``*``, ``?`` or ``[``), matched against the whole path
 ``"re:.*\\.(q|v)"`` a regular expression, full-matched against the whole path
 ``"type:Linear"``   every module whose class (or original class, once adapted) has that name
-``"all-linear"``    every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) except the output head
+``"all-linear"``    every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) except the output head and
+                    mixture-of-experts routers
 ==================  =====================================================================
 
 ``exclude`` takes entries of the same forms; ``layers`` keeps modules whose layer index (the
@@ -89,6 +90,26 @@ def _output_head_paths(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if head is not None and m is head}
 
 
+def _experts(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def is_router(model: nn.Module, path: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router: a linear layer scoring the experts. 'all-linear' leaves it alone
+    (it decides where tokens go; adapting it is a choice to make by name)."""
+    n = _experts(model)
+    if n is None or not is_linear(module):
+        return False
+    out = module.out_features if isinstance(module, nn.Linear) else int(module.weight.shape[-1])
+    return out == n or "router" in type(module).__name__.lower()
+
+
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module of ``model`` except the insides of adapters (which are never targets)."""
     hidden: list[str] = []
@@ -154,7 +175,8 @@ def select(
         if not isinstance(entry, str):
             raise TargetError(f"{what}: target entry {entry!r} must be a string (use 'type:Linear' for types)")
         if entry == ALL_LINEAR:
-            hits = [p for p, m in candidates if is_linear(m) and p not in heads and not skipped(p, m)]
+            hits = [p for p, m in candidates if is_linear(m) and p not in heads and not skipped(p, m)
+                    and not is_router(model, p, m)]
         else:
             hits = [p for p, m in candidates if matches(entry, p, m) and not skipped(p, m)]
         if not hits:

@@ -151,6 +151,133 @@ class LoRAConvLayer(LoRALayer):
         return torch.tensordot(b, a, dims=([1], [0])) * self.peftlab_scaling[name]
 
 
+class LoRAParamLayer(LoRALayer):
+    """LoRA on parameters of a module that is no layer LoRA knows, chiefly fused mixture-of-experts
+    tensors ``(experts, d1, d2)`` (peft's ``target_parameters``): one rank-``r`` update per expert.
+
+    peft's layout, kept so files load both ways: ``lora_A`` is ``(r * experts, d_in)`` (expert-major
+    rows), ``lora_B`` is ``(d_out, r * experts)`` (expert-minor columns); a parameter stored
+    ``(experts, d_out, d_in)`` (``is_transposed`` false, transformers' default) or ``(experts, d_in,
+    d_out)`` gets a delta of its own shape. The forward runs the module with ``W + delta`` in place
+    of each adapted parameter. Several parameters of one module nest in peft's files as
+    ``base_layer.`` prefixes, the first registered on the module innermost (peft keeps the
+    targets as a set).
+    """
+
+    adapter_containers = ("lora_params", "lora_dropout")
+
+    def add_parameter_adapter(self, name: str, params: list[tuple[str, int, float]], rslora: bool,
+                              init: str) -> None:
+        """Adapter ``name`` on the parameters ``[(parameter name, r, alpha), ...]`` (in file order)."""
+        per = nn.ModuleDict()
+        for pname, r, alpha in params:
+            w = getattr(self, pname)
+            experts, d_in, d_out = self._param_dims(pname)
+            kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+            unit = nn.Module()
+            unit.lora_A = nn.Linear(d_in, r * experts, bias=False, **kw)
+            unit.lora_B = nn.Linear(r * experts, d_out, bias=False, **kw)
+            _init(unit.lora_A.weight, unit.lora_B.weight, init, r)
+            per[pname] = unit
+            self.__dict__.setdefault("peftlab_param_scaling", {})[(name, pname)] = \
+                alpha / (math.sqrt(r) if rslora else r)
+        self.lora_params[name] = per
+        self.lora_dropout[name] = nn.Identity()
+        self.__dict__.setdefault("peftlab_scaling", {})[name] = 1.0
+
+    def _param_dims(self, pname: str) -> tuple[int, int, int]:
+        shape = getattr(self, pname).shape
+        if len(shape) == 2:
+            return 1, shape[1], shape[0]
+        if len(shape) != 3:
+            raise ConfigError(f"lora: target parameter {pname!r} has {len(shape)} dimensions; only 2-D and 3-D "
+                              "(experts x d1 x d2) parameters are supported")
+        experts, d1, d2 = shape
+        return (experts, d1, d2) if getattr(self, "is_transposed", False) else (experts, d2, d1)
+
+    def param_delta(self, name: str, pname: str) -> torch.Tensor:
+        unit = self.lora_params[name][pname]
+        experts, d_in, d_out = self._param_dims(pname)
+        a = unit.lora_A.weight.reshape(experts, -1, d_in)  # (experts, r, d_in)
+        b = unit.lora_B.weight.reshape(d_out, -1, experts)  # (d_out, r, experts)
+        scale = self.__dict__["peftlab_param_scaling"][(name, pname)]
+        if getattr(self, pname).dim() == 2:
+            return (b[..., 0] @ a[0]) * scale
+        pattern = "ore,eri->eio" if getattr(self, "is_transposed", False) else "ore,eri->eoi"
+        return torch.einsum(pattern, b, a) * scale
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        deltas: dict[str, torch.Tensor] = {}
+        for name in self.live_adapters():
+            for pname in self.lora_params[name]:
+                d = self.param_delta(name, pname)
+                deltas[pname] = deltas[pname] + d if pname in deltas else d
+        saved = {pname: self._parameters[pname] for pname in deltas}
+        try:
+            for pname, d in deltas.items():
+                base = saved[pname]
+                self._parameters[pname] = base + d.to(base.dtype)  # type: ignore[assignment]
+            return super(LoRALayer, self).forward(*args, **kwargs)  # the original module's forward
+        finally:
+            self._parameters.update(saved)
+
+    def adapter_file_tensors(self, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        order = list(self.lora_params[name])
+        out = {}
+        for i, pname in enumerate(order):
+            nest = "base_layer." * (len(order) - 1 - i)
+            for part in ("lora_A", "lora_B"):
+                t = getattr(self.lora_params[name][pname], part).weight
+                out[f"lora_params.{name}.{pname}.{part}.weight"] = (f"{nest}{part}.weight", t)
+        return out
+
+    def _weight(self) -> torch.Tensor:
+        return self.merge_is_finite([])  # type: ignore[return-value]
+
+    def merge_is_finite(self, names: str | list[str]) -> bool:
+        raise ConfigError("lora: merging updates of expert parameters (target_parameters) is not implemented; "
+                          "run the model unmerged, or adapt linear layers only")
+
+    def merge_adapter(self, name: str) -> None:
+        self.merge_is_finite(name)
+
+    def restore(self) -> nn.Module:
+        self.__dict__.pop("peftlab_param_scaling", None)
+        return super().restore()
+
+
+def parameter_targets(model: nn.Module, entries: tuple[str, ...], skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """``{module path: [parameter names in entry order]}`` for peft-style ``target_parameters``
+    entries (an entry matches ``<module path>.<parameter>`` exactly or as a dotted suffix)."""
+    from peftlab.core.targets import candidate_modules
+
+    found: dict[str, list[str]] = {}
+    for entry in entries:
+        hits = 0
+        for path, module in candidate_modules(model):
+            if any(path == s or path.startswith(s + ".") or path.endswith("." + s) for s in skip):
+                continue
+            for pname in module._parameters:
+                full = f"{path}.{pname}"
+                if full == entry or full.endswith("." + entry):
+                    if pname not in found.setdefault(path, []):
+                        found[path].append(pname)
+                        order = list(module._parameters)  # peft nests them in registration order
+                        found[path].sort(key=order.index)
+                    hits += 1
+        if not hits:
+            raise ConfigError(f"lora: target_parameters entry {entry!r} matches no parameter of "
+                              f"{type(model).__name__}; name it as '<module path>.<parameter>' (e.g. "
+                              "'mlp.experts.gate_up_proj')")
+    return found
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """Parameters of 3 or more dimensions outside linear/embedding/conv layers (fused experts)."""
+    return [f"{p}.{n}" for p, m in model.named_modules() if layer_kind(m) is None
+            for n, t in m._parameters.items() if t is not None and t.dim() >= 3]
+
+
 def _init(a: torch.Tensor, b: torch.Tensor, init: str, r: int, embedding: bool = False) -> None:
     with torch.no_grad():
         if init == "gaussian":
@@ -243,6 +370,9 @@ class LoRA(Method):
     init: str = "default"
     """'default' (A Kaiming-uniform, B zero), 'gaussian' (A ~ N(0, 1/r)), 'random' (B random too:
     not identity at init; for tests and research)."""
+    target_parameters: tuple[str, ...] = ()
+    """Parameters (not modules) to adapt, peft's option of that name: fused mixture-of-experts
+    tensors such as 'mlp.experts.gate_up_proj' get one low-rank update per expert."""
 
     peft_type: ClassVar[str | None] = "LORA"
     mergeable: ClassVar[bool] = True
@@ -272,9 +402,35 @@ class LoRA(Method):
             raise ConfigError(f"lora: init must be one of {INITS} (got {self.init!r})")
 
     def attach(self, model: nn.Module, name: str) -> None:
-        paths = select(model, self.target_modules, exclude=self.exclude_modules, layers=self.layers,
-                       supported=(nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-                       supported_names=("Conv1D",), skip=self.modules_to_save, what="lora")
+        if self.target_parameters and self.dropout:
+            raise ConfigError("lora: dropout cannot apply to target_parameters (the input of a fused expert "
+                              "tensor is not separable); use dropout=0")
+        params = parameter_targets(model, tuple(self.target_parameters), tuple(self.modules_to_save))
+        if self.layers is not None:
+            from peftlab.core.targets import layer_index, parse_layers
+
+            keep = parse_layers(self.layers)
+            params = {p: v for p, v in params.items() if layer_index(p) in (keep or ())}
+        paths = [] if not self.target_modules and params else select(
+            model, self.target_modules, exclude=self.exclude_modules, layers=self.layers,
+            supported=(nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
+            supported_names=("Conv1D",), skip=self.modules_to_save, what="lora")
+        left_out = [f for f in fused_expert_parameters(model)
+                    if f.rpartition(".")[0] not in params or f.rpartition(".")[2] not in params[f.rpartition(".")[0]]]
+        if ALL_LINEAR in self.target_modules and left_out:
+            import warnings
+
+            warnings.warn(f"lora: 'all-linear' adapts linear layers only and leaves out {len(left_out)} fused expert "
+                          f"parameter(s) ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}); add "
+                          f"target_parameters={sorted({f.split('.', 1)[-1].split('.', 1)[-1] for f in left_out})[:2]}"
+                          " (the part after the layer index) to adapt the experts", stacklevel=3)
+        for path, names in params.items():  # every check before any change
+            for pname in names:
+                experts, d_in, d_out = LoRAParamLayer._param_dims(model.get_submodule(path), pname)  # type: ignore
+                r = pattern_value(self.rank_pattern, f"{path}.{pname}", self.r)
+                if r > min(d_in, d_out):
+                    raise ConfigError(f"lora: rank {r} exceeds {path}.{pname}'s dimensions ({d_in} x {d_out} per "
+                                      "expert); lower r")
         modules = {p: model.get_submodule(p) for p in paths}
         grouped = [p for p, m in modules.items() if getattr(m, "groups", 1) != 1]
         if grouped:
@@ -288,6 +444,13 @@ class LoRA(Method):
             layer = layer_kind(module).adopt(module)  # type: ignore[union-attr]
             alpha = pattern_value(self.alpha_pattern, path, self.alpha)
             layer.add_adapter(name, ranks[path], alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+        for path, names in params.items():
+            player = LoRAParamLayer.adopt(model.get_submodule(path))
+            assert isinstance(player, LoRAParamLayer)
+            player.add_parameter_adapter(
+                name, [(n, pattern_value(self.rank_pattern, f"{path}.{n}", self.r),
+                        pattern_value(self.alpha_pattern, f"{path}.{n}", self.alpha)) for n in names],
+                self.rslora, self.init)
         if bias_keys:
             slots.train_base_tensors(model, name, bias_keys)
 
@@ -341,12 +504,13 @@ class LoRA(Method):
             "inference_mode": True,
             "use_dora": False,
             "lora_bias": False,
+            "target_parameters": list(self.target_parameters) or None,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoRA:
         unsupported = {k: config[k] for k in ("use_dora", "lora_bias", "trainable_token_indices",
-                                               "layer_replication", "use_qalora", "target_parameters")
+                                               "layer_replication", "use_qalora")
                        if config.get(k)}
         if unsupported:
             raise ConfigError(f"this peft LoRA config uses options peftlab's LoRA does not implement: {unsupported}")
@@ -363,7 +527,8 @@ class LoRA(Method):
             r=int(config.get("r", 8)),
             alpha=config.get("lora_alpha", 8),
             dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules=entries(config.get("target_modules")) or (ALL_LINEAR,),
+            target_modules=entries(config.get("target_modules")) or (() if config.get("target_parameters")
+                                                                     else (ALL_LINEAR,)),
             exclude_modules=entries(config.get("exclude_modules")),
             layers=tuple(config["layers_to_transform"]) if isinstance(config.get("layers_to_transform"), list)
             else (config["layers_to_transform"],) if config.get("layers_to_transform") is not None else None,
@@ -373,4 +538,5 @@ class LoRA(Method):
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=tuple(config.get("modules_to_save") or ()),
             init="gaussian" if init == "gaussian" else "random" if init is False else "default",
+            target_parameters=tuple(config.get("target_parameters") or ()),
         )
