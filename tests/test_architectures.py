@@ -62,6 +62,12 @@ SPECS: dict[str, tuple[str, str, dict, str]] = {
              dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
              "seq2seq"),
+    # not named in any issue or table: found from their structure like the rest
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                   rotary_dim=4, bos_token_id=1, eos_token_id=2), "causal"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4,
+                                                      bos_token_id=1, eos_token_id=2), "causal"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", _GQA, "causal"),
     "vit": ("ViTConfig", "ViTForImageClassification",
             dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=64, num_labels=3), "vision"),
