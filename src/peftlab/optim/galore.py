@@ -55,9 +55,12 @@ __all__ = ["BLOCK", "DEFAULT_TARGETS", "MIN_8BIT_SIZE", "GaLoreAdamW", "check_la
            "galore_weights", "state_bytes", "state_layout"]
 
 DEFAULT_TARGETS: tuple[str, ...] = (r".*attn.*", r".*mlp.*", r".*attention.*", r".*intermediate.*",
-                                    r".*\.output\..*")
-"""Attention and feed-forward linears of Llama-family models (``self_attn``, ``mlp``) and of
-BERT (``attention``, ``intermediate``, ``output``); full-matched regular expressions."""
+                                    r".*\.output\..*", r".*Attention.*", r".*DenseReluDense.*", r".*\.ffn\..*",
+                                    r".*\.fc[12]")
+"""Attention and feed-forward linears of Llama-family and GPT-2 models (``self_attn``/``attn``,
+``mlp``), BERT (``attention``, ``intermediate``, ``output``), T5 (``SelfAttention``,
+``EncDecAttention``, ``DenseReluDense``), DistilBERT (``ffn``) and BART/OPT (``fc1``, ``fc2``);
+full-matched regular expressions."""
 BLOCK = 256
 """Elements per quantization block of the 8-bit moments (one fp32 absmax each)."""
 CHUNK = BLOCK * 4096
@@ -69,19 +72,29 @@ _QUANT_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax
 
 
 # ----------------------------------------------------------------------------- targets
+def _linear_types() -> tuple[type, ...]:
+    """``nn.Linear`` and, where transformers is installed, GPT-2's ``Conv1D`` (its weight is the
+    transposed matrix: GaLore projects whichever side is shorter, so the orientation is immaterial)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
 def galore_weights(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Parameter]:
     """The 2-D ``nn.Linear`` weights GaLore projects: ``{parameter name: parameter}``.
 
     A module is targeted when its path full-matches one of the regular expressions ``targets``
-    (``r".*attn.*"`` matches ``model.layers.0.self_attn.q_proj``). Only ``nn.Linear`` counts
-    (GPT-2's ``Conv1D`` is not one). Modules inside adapters are never targets.
+    (``r".*attn.*"`` matches ``model.layers.0.self_attn.q_proj``). ``nn.Linear`` and GPT-2's
+    ``Conv1D`` count. Modules inside adapters are never targets.
 
     Raises:
         TargetError: No ``nn.Linear`` matches (the message lists the linear module names).
     """
     from peftlab.core.targets import regex_select
 
-    paths = regex_select(model, targets, supported=(nn.Linear,), what="galore")
+    paths = regex_select(model, targets, supported=_linear_types(), what="galore")
     out = {}
     for path in paths:
         w = model.get_submodule(path).weight
