@@ -250,3 +250,27 @@ def test_two_active_adapters_add_up():
 def test_method_equality_and_defaults():
     assert LoRA() == peftlab.get_method("lora")
     assert LoRA().target_modules == ("all-linear",)
+
+
+@pytest.mark.parametrize("method", ["lora", "dylora", "qlora"])
+def test_dropout_follows_the_models_eval_mode_after_attach_and_load(method, tmp_path):
+    """A from_pretrained model is in eval mode: an adapter with dropout attached or loaded onto it
+    must not drop anything until the model is put in training mode (peft's behaviour)."""
+    model = tiny_llama()  # eval mode
+    opts = {"target_modules": ["q_proj", "v_proj"], "dropout": 0.5}
+    peftlab.attach(model, method, **opts)
+    perturb(peftlab.adapter_parameters(model, "default"), scale=0.3)
+    assert not any(m.training for m in model.modules())
+    x = torch.randint(2, 100, (2, 6))
+    with torch.no_grad():
+        a, b = model(input_ids=x).logits, model(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    peftlab.save(model, tmp_path)
+    fresh = tiny_llama()
+    peftlab.load(fresh, tmp_path)
+    assert not any(m.training for m in fresh.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, a, atol=1e-5, rtol=1e-5)
+    fresh.train()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(input_ids=x).logits, a, atol=1e-4)  # dropout acts in training

@@ -60,10 +60,15 @@ def attach(model: nn.Module, method: Method | str, name: str = "default", *, tra
                                 "model with other adapters")
     with transaction(model):
         base_params = {id(p) for p in _base_parameters(model)}
+        modes = {id(m): m.training for m in model.modules()}
         reg = registry(model, create=True)
         reg.adapters[name] = Slot(method)
         slots.add_module_copies(model, name, tuple(method.modules_to_save))
         method.attach(model, name)
+        for _, parent in model.named_modules():  # new modules (dropout!) take their parent's mode
+            for child in parent.children():
+                if id(child) not in modes and id(parent) in modes:
+                    child.train(modes[id(parent)])
         for p in model.parameters():
             if id(p) in base_params:
                 p.requires_grad_(False)
