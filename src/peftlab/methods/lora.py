@@ -278,6 +278,15 @@ def fused_expert_parameters(model: nn.Module) -> list[str]:
             for n, t in m._parameters.items() if t is not None and t.dim() >= 3]
 
 
+PEFT_HANDLED = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                          "layers_to_transform", "use_rslora", "bias", "rank_pattern", "alpha_pattern",
+                          "modules_to_save", "init_lora_weights", "target_parameters", "fan_in_fan_out"})
+"""Fields of peft's LoraConfig that peftlab's LoRA reads (fan_in_fan_out: GPT-2's Conv1D is found by type)."""
+PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+                           "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"})
+"""Fields that describe the file, not the adapter's maths (qalora_group_size only acts with use_qalora)."""
+
+
 def _init(a: torch.Tensor, b: torch.Tensor, init: str, r: int, embedding: bool = False) -> None:
     with torch.no_grad():
         if init == "gaussian":
@@ -509,11 +518,19 @@ class LoRA(Method):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoRA:
-        unsupported = {k: config[k] for k in ("use_dora", "lora_bias", "trainable_token_indices",
-                                               "layer_replication", "use_qalora")
-                       if config.get(k)}
+        unsupported = {k: v for k, v in config.items() if k not in PEFT_HANDLED and k not in PEFT_METADATA
+                       and not k.startswith("peftlab") and v not in (None, False, {}, [], "")}
         if unsupported:
-            raise ConfigError(f"this peft LoRA config uses options peftlab's LoRA does not implement: {unsupported}")
+            raise ConfigError(f"this peft LoRA config uses options peftlab's LoRA does not implement: {unsupported}; "
+                              "it was not loaded (its outputs would differ from peft's)")
+        init = config.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            reason = (" An unconverted PiSSA/OLoRA adapter assumes base weights that its initialisation changed; "
+                      "save it from peft with path_initial_model_for_weight_conversion=... to get a plain LoRA "
+                      "adapter for the original base." if isinstance(init, str) and
+                      init.lower().startswith(("pissa", "olora", "corda")) else "")
+            raise ConfigError(f"this peft LoRA config has init_lora_weights={init!r}, which peftlab does not "
+                              f"implement; it was not loaded.{reason}")
 
         def entries(v: Any) -> tuple[str, ...]:
             if v is None:
@@ -522,7 +539,6 @@ class LoRA(Method):
                 return (v,) if v == ALL_LINEAR else (f"re:{v}",)
             return tuple(v)
 
-        init = config.get("init_lora_weights", True)
         return cls(
             r=int(config.get("r", 8)),
             alpha=config.get("lora_alpha", 8),
