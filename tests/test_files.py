@@ -1,6 +1,7 @@
 """Adapter files that are wrong in every way we could think of: each gives a clear error
 (``peftlab.AdapterFileError`` and friends, naming what is wrong) and leaves the model as it was.
-Plus adapter names, target typos, multi-adapter folders and atomic saves."""
+Plus adapter names, target typos, multi-adapter folders and atomic saves (more in
+``test_atomic.py``; inert loading in ``test_inert_load.py``)."""
 
 from __future__ import annotations
 
@@ -435,9 +436,11 @@ def test_save_is_atomic_on_a_full_disk(tmp_path, monkeypatch):
     msg = str(info.value).lower()
     assert "disk space" in msg or "no space left" in msg
     assert "disk" in msg
+    assert "still holds the previous version, unchanged" in msg and "overwritten" not in msg
     files_after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert files_after == files_before  # no temp file left, the old adapter untouched
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.peftlab-")]
 
     monkeypatch.undo()
     fresh = tiny_llama()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import time
 import warnings
 
 import pytest
@@ -12,6 +15,7 @@ from torch import nn
 
 import peftlab
 from peftlab import models
+from peftlab.core import files
 from peftlab.core.errors import ConfigError
 from peftlab.lab import trainer
 from peftlab.lab.tasks import get_task
@@ -390,6 +394,163 @@ def test_cli_full_fine_tuning_and_user_data(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli("--model", "tiny-bert") == 2
     assert "--task" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def _fork_holding_the_lock(run_dir) -> int:
+    """A child process that holds ``run_dir``'s lock (as a running ``peftlab train`` does)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with trainer.run_lock(run_dir):
+                os.write(ready_w, b"1")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid
+
+
+def test_a_second_writer_into_a_run_dir_fails_at_once(tmp_path, capsys, tok, tweets):
+    run_dir = tmp_path / "run"
+    pid = _fork_holding_the_lock(run_dir)
+    try:
+        began = time.monotonic()
+        assert cli(*TINY, "--steps", "1", "--run-dir", str(run_dir)) == 2
+        assert time.monotonic() - began < 10
+        err = capsys.readouterr().err
+        assert f"in use by another peftlab process (pid {pid})" in err
+        assert sorted(p.name for p in run_dir.iterdir()) == [trainer.LOCK_FILE]  # nothing written
+        with pytest.raises(ConfigError, match="in use by another peftlab process"):
+            train(lora_bert(), tok, tweets, TrainConfig(steps=1, **SMALL), run_dir=run_dir)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    # the kernel dropped the killed holder's lock: the folder is free again
+    assert cli(*TINY, "--steps", "1", "--run-dir", str(run_dir)) == 0
+
+
+def test_overwrite_refuses_a_folder_peftlab_did_not_create(tmp_path, capsys):
+    run_dir = tmp_path / "mine"
+    for name in ("model", "checkpoints", "adapter"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "precious.txt").write_text(name)
+    assert cli(*TINY, "--steps", "1", "--run-dir", str(run_dir), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "was not created by peftlab train" in err and "nothing in it was deleted" in err
+    for name in ("model", "checkpoints", "adapter"):
+        assert (run_dir / name / "precious.txt").read_text() == name
+
+
+def test_overwrite_removes_only_what_peftlab_wrote(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli(*TINY, "--steps", "2", "--save-every", "1", "--run-dir", str(run_dir)) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    assert cli(*TINY, "--steps", "1", "--run-dir", str(run_dir), "--overwrite") == 0
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 1
+    assert not (run_dir / "checkpoints").exists()  # the earlier run's, deleted; this run saved none
+
+
+def test_a_failed_command_leaves_no_run_dir_behind(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    assert cli(*TINY, "--steps", "1", "--run-dir", str(run_dir), "--opt", "r=0") == 2
+    assert "r must be" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_bench_overwrite_refuses_a_folder_bench_did_not_write(tmp_path, capsys):
+    from peftlab.cli import main
+
+    run_dir = tmp_path / "bench"
+    (run_dir / "lora-peftlab-seed0").mkdir(parents=True)
+    (run_dir / "results.jsonl").write_text("")
+    (run_dir / "thesis.tex").write_text("mine")
+    assert main(["bench", "--run-dir", str(run_dir), "--overwrite"]) == 2
+    assert "thesis.tex" in capsys.readouterr().err and (run_dir / "thesis.tex").exists()
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("file", "how"), [(trainer.PARAMS_FILE, "truncate"), (trainer.OPTIMIZER_FILE, "flip"),
+                                           (trainer.STATE_FILE, "truncate")])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, tok, tweets, file, how):
+    config = TrainConfig(steps=4, save_every=2, **SMALL)
+    reference = lora_bert()
+    full = train(reference, tok, tweets, config, run_dir=tmp_path / "a")
+    train(lora_bert(), tok, tweets, config, run_dir=tmp_path / "b")
+    _damage(tmp_path / "b" / "checkpoints" / "step-4" / file, how)
+    assert trainer.intact(tmp_path / "b" / "checkpoints" / "step-4") is not None
+    fresh = lora_bert(adapter_seed=1)
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint\(s\): step-4.*Resuming from .*step-2"):
+        resumed = train(fresh, tok, tweets, config, run_dir=tmp_path / "b", resume=True)
+    assert_identical(trainable(fresh), trainable(reference))
+    assert losses(resumed) == losses(full)
+
+
+def test_resume_with_every_checkpoint_damaged_is_an_error(tmp_path, tok, tweets):
+    config = TrainConfig(steps=4, save_every=2, **SMALL)
+    train(lora_bert(), tok, tweets, config, run_dir=tmp_path)
+    for step in (2, 4):
+        _damage(tmp_path / "checkpoints" / f"step-{step}" / trainer.PARAMS_FILE, "truncate")
+    model = lora_bert()
+    before = trainable(model)
+    with pytest.raises(ConfigError, match=r"no intact checkpoint .*step-4: .*step-2: .*start a new run_dir"):
+        train(model, tok, tweets, config, run_dir=tmp_path, resume=True)
+    assert_identical(trainable(model), before)
+
+
+def test_resume_refuses_changed_training_data(tmp_path, tok):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    config = TrainConfig(steps=2, save_every=2, **{**SMALL, "train_examples": None})
+    model, _ = models.load("tiny-bert", num_labels=2, with_tokenizer=False)
+    peftlab.attach(model, "lora", r=2, target_modules=["query"], modules_to_save=["classifier"])
+    train(model, tok, get_task("file", data=data), config, run_dir=tmp_path / "run")
+    data.write_text(data.read_text().replace("text number 7,", "text number seven,"))
+    before = trainable(model)
+    with pytest.raises(ConfigError, match=r"the training data changed since it was written \(sha256: .*start a new"):
+        train(model, tok, get_task("file", data=data), TrainConfig(steps=3, save_every=2, **{**SMALL, "train_examples": None}),
+              run_dir=tmp_path / "run", resume=True)
+    assert_identical(trainable(model), before)  # refused before anything was restored
+
+
+def test_cli_resume_refuses_a_changed_data_file(tmp_path, capsys):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    args = ("--data", str(data), "--model", "tiny-bert", "--batch-size", "4", "--max-length", "24", "--no-progress",
+            "--eval-every", "0", "--run-dir", str(tmp_path / "run"))
+    assert cli(*args, "--steps", "2", "--save-every", "2") == 0
+    with data.open("a") as f:
+        f.write("one more,a\n")
+    assert cli(*args, "--steps", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"the data file {data.resolve()} changed since the run" in err and "start a new --run-dir" in err
+
+
+def test_what_a_killed_checkpoint_writer_left_is_cleaned(tmp_path, tok, tweets):
+    config = TrainConfig(steps=2, save_every=2, **SMALL)
+    train(lora_bert(), tok, tweets, config, run_dir=tmp_path)
+    root = tmp_path / "checkpoints"
+    (root / f".step-9{files.MARK}tmp-1-ab").mkdir()
+    (root / f".step-9{files.MARK}tmp-1-ab" / trainer.PARAMS_FILE).write_bytes(b"half")
+    (root / ".tmp-step-3-123").mkdir()  # an older peftlab's temporary
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-2"]
+    with pytest.warns(UserWarning, match="changed steps"):
+        train(lora_bert(), tok, tweets, TrainConfig(steps=3, save_every=2, **SMALL), run_dir=tmp_path, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
 # --------------------------------------------------------------------------- real model (slow)

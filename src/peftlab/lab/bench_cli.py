@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+from peftlab.core.errors import ConfigError
+
+_BENCH_FILES = ("results.jsonl", "report.md", "report.html")
+_BENCH_DIR = re.compile(r".+-(peftlab|peft)-seed-?\d+")
+"""What ``peftlab bench`` writes into its run directory: the only entries --overwrite may delete."""
+
+
+def check_overwrite(run_dir: Path) -> None:
+    """Refuse ``--overwrite`` of a folder holding anything ``peftlab bench`` did not write (the
+    bench replaces the whole folder), naming what is there."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if not (p.name in _BENCH_FILES or (p.suffix == ".png" and p.is_file())
+                             or (p.is_dir() and _BENCH_DIR.fullmatch(p.name))))
+    if foreign:
+        raise ConfigError(f"--overwrite: {run_dir} holds files peftlab bench did not write ({foreign[:5]}"
+                          f"{' ...' if len(foreign) > 5 else ''}), so nothing in it was deleted; move them away, "
+                          "or pass another --run-dir / --name")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     name = args.name or f"{args.task}-{args.model or 'default'}-{args.profile}" + ("-custom" if overrides else "")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    if args.overwrite:
+        check_overwrite(run_dir)
     bench(BenchConfig(model=args.model, task=args.task, data=args.data, methods=args.methods,
                       profile=args.profile, vs_peft=args.vs == "peft", run_dir=run_dir, resume=args.resume,
                       overwrite=args.overwrite, options=json.loads(args.options),

@@ -13,34 +13,45 @@ Under ``torchrun`` (or ``accelerate launch``) every process runs this command; `
 is the global micro-batch (each of N processes takes 1/N of it), and rank 0 alone writes the run
 directory and prints. See ``docs/scaling.md``.
 
-The run directory holds ``run.json`` (what was trained), ``checkpoints/step-<N>/``, the adapter
-(``adapter/``, written with :func:`peftlab.save`; ``model/`` with ``save_pretrained`` for
-``--method full``) and ``result.json`` (the :class:`~peftlab.lab.trainer.TrainResult`).
+The run directory holds ``run.json`` (what was trained, with the size and sha256 of a ``--data``
+file), ``checkpoints/step-<N>/``, the adapter (``adapter/``, written with :func:`peftlab.save`;
+``model/`` with ``save_pretrained`` for ``--method full``; each swapped in as a whole folder) and
+``result.json`` (the :class:`~peftlab.lab.trainer.TrainResult`). Two files of peftlab's own:
+``.peftlab-run`` marks a folder that peftlab created (``--overwrite`` deletes only what it wrote,
+and only in such a folder), and ``.peftlab-lock`` is held (``flock``) for the whole command, so a
+second ``peftlab train`` into the same folder fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from peftlab.core import files
 from peftlab.core.errors import ConfigError
 from peftlab.lab import distributed
 from peftlab.lab.bench import head_modules, learning_rate
 from peftlab.lab.distributed import STRATEGIES
 from peftlab.lab.tasks import get_task, task_names
-from peftlab.lab.trainer import PRECISIONS, SCHEDULES, TrainConfig, train
+from peftlab.lab.trainer import LOCK_FILE, PRECISIONS, SCHEDULES, TrainConfig, hold_run_dir, train
 
 FULL = "full"
 """Full fine-tuning: no adapter, every parameter trains."""
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
+MARKER = ".peftlab-run"
+"""Written into a run directory that peftlab created (or found empty): --overwrite needs it."""
 _OWNED = ("checkpoints", "adapter", "model", RUN_FILE, RESULT_FILE)  # what --overwrite may delete
+_OURS = (LOCK_FILE, MARKER)  # peftlab's bookkeeping: not a sign of an earlier run
 
 _HELP = {
     "steps": "optimizer steps in total",
@@ -142,20 +153,50 @@ def _model_kind_check(task: Any, model_name: str) -> None:
                           f"{model_name!r} is {article} {spec.kind}; pick one with --model")
 
 
+def data_file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Size and sha256 of a user's data file (recorded in run.json, checked on --resume)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _in_use(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name not in _OURS for p in run_dir.iterdir())
+
+
 def _check_run_dir(run_dir: Path, record: dict[str, Any], resume: bool, overwrite: bool) -> bool:
-    """Refuse an existing run directory unless resuming the same run or overwriting; return
-    whether it is in use."""
+    """Refuse an existing run directory unless resuming the same run or overwriting one that
+    peftlab created; return whether it is in use."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} is a file; pass a directory")
-    used = run_dir.is_dir() and any(run_dir.iterdir())
+    used = _in_use(run_dir)
     if used and not (resume or overwrite):
         raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, --overwrite "
                           "to start over, or another --run-dir")
+    if used and overwrite and not (run_dir / MARKER).is_file():
+        raise ConfigError(f"--overwrite: {run_dir} was not created by peftlab train (it has no {MARKER} file), so "
+                          "nothing in it was deleted; empty or remove it yourself, or pass another --run-dir")
     if used and resume and (run_dir / RUN_FILE).is_file():
-        before = json.loads((run_dir / RUN_FILE).read_text())
-        diff = sorted(k for k in record if before.get(k) != record[k])
+        try:
+            before = json.loads((run_dir / RUN_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--resume: {run_dir / RUN_FILE} cannot be read ({e}); start a new --run-dir") from None
+        if not isinstance(before, dict):
+            raise ConfigError(f"--resume: {run_dir / RUN_FILE} is not a JSON object; start a new --run-dir")
+        old_file, new_file = before.get("data_file"), record.get("data_file")
+        if old_file is not None and old_file != new_file and before.get("data") == record.get("data"):
+            raise ConfigError(
+                f"--resume: the data file {record['data']} changed since the run in {run_dir} started (size "
+                f"{old_file.get('size')} -> {new_file.get('size') if new_file else None} bytes, sha256 "
+                f"{str(old_file.get('sha256'))[:12]}... -> {str(new_file.get('sha256'))[:12] if new_file else None}...): "
+                "its checkpoints were trained on other data. Restore the file, or start a new --run-dir")
+        diff = sorted(k for k in record if k != "data_file" and before.get(k) != record[k])
         if diff:
             details = "; ".join(f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in diff)
             raise ConfigError(f"--resume: {run_dir} was trained with different settings ({details}); "
@@ -163,17 +204,31 @@ def _check_run_dir(run_dir: Path, record: dict[str, Any], resume: bool, overwrit
     return used
 
 
+def _write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}{files.MARK}tmp-{os.getpid()}")
+    try:
+        files.write_bytes(tmp, (json.dumps(value, indent=1) + "\n").encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _start_run_dir(run_dir: Path, record: dict[str, Any], clear: bool) -> None:
-    """Delete what an earlier run wrote here (only peftlab's own files) when ``clear``; write run.json."""
+    """Delete what an earlier run wrote here (only peftlab's own files, only where the marker
+    says peftlab created the folder) when ``clear``; write the marker and run.json."""
+    fresh = not _in_use(run_dir)
     if clear:
         for name in _OWNED:
             path = run_dir / name
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists():
+            elif path.exists() or path.is_symlink():
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if fresh or clear:
+        _write_json(run_dir / MARKER, {"created_by": "peftlab train"})
+    _write_json(run_dir / RUN_FILE, record)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,10 +248,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
-    import torch
-
     import peftlab
-    from peftlab import models
 
     if not args.task and not args.data:
         raise ConfigError(f"say what to train on: --task ({', '.join(task_names())}) or --data FILE")
@@ -214,7 +266,35 @@ def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
         raise ConfigError(f"--method {FULL} takes no --opt (got {sorted(options)})")
     run_dir = Path(args.run_dir or f"runs/{task.name}-{model_name}-{args.method}")
     record = {"task": task.name, "data": str(Path(args.data).resolve()) if args.data else None, "model": model_name,
-              "method": args.method, "options": dict(options)}
+              "method": args.method, "options": dict(options),
+              "data_file": data_file_fingerprint(args.data) if args.data else None}
+    existed = run_dir.exists()
+    with hold_run_dir(run_dir, dist):  # a second writer fails here, at once
+        try:
+            return _run_locked(args, dist, task, model_name, config, options, run_dir, record)
+        except BaseException:
+            if dist.is_main and not existed:
+                _discard(run_dir)
+            raise
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove a run directory this command created, if nothing but peftlab's bookkeeping is in
+    it (the command failed before writing anything). Runs while the lock is still held."""
+    if run_dir.is_dir() and not _in_use(run_dir):
+        for name in _OURS:
+            (run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, model_name: str, config: TrainConfig,
+                options: dict[str, Any], run_dir: Path, record: dict[str, Any]) -> int:
+    import torch
+
+    import peftlab
+    from peftlab import models
+
     used = _check_run_dir(run_dir, record, args.resume, args.overwrite)
     dist.barrier()  # every rank has looked at the run directory before rank 0 changes it
 
@@ -250,14 +330,15 @@ def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
     saved = run_dir / ("model" if args.method == FULL else "adapter")
     with distributed.full_parameters(model):  # FSDP2: every rank gathers, rank 0 writes
         if dist.is_main and args.method == FULL:
-            model.save_pretrained(saved)
-            tokenizer.save_pretrained(saved)
+            with files.replace_folder(saved, "the model") as tmp:  # swapped in whole, like an adapter
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         elif dist.is_main:
             peftlab.save(model, saved)
     dist.barrier()
     if not dist.is_main:
         return 0
-    (run_dir / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    _write_json(run_dir / RESULT_FILE, result.to_dict())
 
     print(f"\n{result.steps} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step, "
           f"{result.tokens_per_second:,.0f} tokens/s)")

@@ -21,9 +21,12 @@ What it does, in order, for each optimizer step:
 4. Every ``save_every`` steps and at the end: a checkpoint under
    ``run_dir/checkpoints/step-<N>/`` (trainable tensors as safetensors, optimizer, scheduler
    and grad-scaler state, the RNG states of torch, Python and NumPy, the data position and the
-   history), written into a temporary folder and renamed into place, so a crash never leaves a
-   half checkpoint; the newest two are kept. ``resume=True`` continues from the newest one and
-   on CPU ends with bit-identical parameters and the same loss history as an uninterrupted run.
+   history, each file's size and sha256, and the fingerprint of the training data), built aside
+   and swapped in whole (:func:`peftlab.core.files.replace_folder`), so a crash never leaves a
+   half checkpoint; the newest two are kept. ``resume=True`` continues from the newest intact
+   one (a damaged newer one is skipped with a warning), refuses data that changed since, and on
+   CPU ends with bit-identical parameters and the same loss history as an uninterrupted run.
+5. The run directory is locked for the whole run (:func:`run_lock`): a second writer fails at once.
 
 Example:
     >>> from peftlab import models
@@ -57,11 +60,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab.core import files
 from peftlab.core.errors import ConfigError, PeftlabError
 from peftlab.lab import distributed
 from peftlab.lab.distributed import STRATEGIES, Dist
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoints", "latest_checkpoint", "subset", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "checkpoints", "data_fingerprint", "hold_run_dir", "intact",
+           "latest_checkpoint", "run_lock", "subset", "train"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -74,7 +79,11 @@ PARAMS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
-_FORMAT = 1
+_FORMAT = 2
+"""2: the state file lists every other file's size and sha256, and the data fingerprint."""
+_READS = (1, 2)
+LOCK_FILE = ".peftlab-lock"
+"""The run directory's lock file (``flock``, held by the one process that writes the run)."""
 
 # Settings that define the stream of training batches: a checkpoint only resumes under the same ones.
 _DATA_FIELDS = ("seed", "batch_size", "grad_accum", "train_examples")
@@ -431,7 +440,8 @@ class _State:
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints under ``run_dir/checkpoints``, oldest first."""
+    """The complete checkpoints under ``run_dir/checkpoints``, oldest first (complete: their
+    state file, written last, is there; :func:`intact` checks the rest)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
@@ -444,23 +454,118 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir``, or ``None``."""
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest intact checkpoint under ``run_dir`` (see :func:`intact`), or ``None``."""
+    for path in reversed(checkpoints(run_dir)):
+        if intact(path) is None:
+            return path
+    return None
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The checkpoint's state file (a ConfigError naming the problem if it is unreadable)."""
+    file = path / STATE_FILE
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{file} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{file} holds a JSON {type(record).__name__}, not an object")
+    if record.get("format") not in _READS:
+        raise ConfigError(f"checkpoint {path} has format {record.get('format')!r}, this peftlab reads "
+                          f"{', '.join(map(str, _READS))}; start a new run_dir")
+    return record
+
+
+def intact(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (None: nothing). Its state file must
+    parse, and every other file must have the size and sha256 the state file records."""
+    try:
+        record = _read_record(path)
+    except ConfigError as e:
+        return str(e)
+    listed = record.get("files")
+    if record["format"] == 1:  # written before checksums: the files must at least be there
+        listed = {name: None for name in (PARAMS_FILE, OPTIMIZER_FILE, RNG_FILE)}
+    if not isinstance(listed, dict) or set(listed) != {PARAMS_FILE, OPTIMIZER_FILE, RNG_FILE}:
+        return f"{path / STATE_FILE} does not list the checkpoint's files"
+    for name, want in listed.items():
+        file = path / name
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            size = file.stat().st_size
+        except OSError as e:
+            return f"{file} is missing ({e.strerror})"
+        if want is None:
+            continue
+        if not isinstance(want, dict) or size != want.get("size"):
+            return f"{file} has {size:,} bytes, the state file records {want.get('size') if isinstance(want, dict) else want!r}"
+        if _sha256(file) != want.get("sha256"):
+            return f"{file} does not match the sha256 its state file records (damaged)"
+    return None
+
+
+def _resume_point(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are named in a warning. Checkpoints
+    that are all damaged are an error (never a silent fresh start)."""
+    damaged = []
+    for path in reversed(checkpoints(run_dir)):
+        problem = intact(path)
+        if problem is None:
+            if damaged:
+                warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(damaged)}. Resuming from {path}, the newest "
+                              "intact one", stacklevel=4)
+            return path
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise ConfigError(f"no intact checkpoint in {run_dir / CHECKPOINT_DIR} ({'; '.join(damaged)}); start a new "
+                          "run_dir (or start over in this one: peftlab train --overwrite)")
+    return None
+
+
+def data_fingerprint(task: Any) -> dict[str, Any]:
+    """What identifies the training data of ``task``: its name, kind, number of training
+    examples and the sha256 of their contents (a resumed run must train on the same data)."""
+    examples = task.examples("train")
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr(e).encode() + b"\n")
+    return {"task": task.name, "kind": task.kind, "examples": len(examples), "sha256": h.hexdigest()}
+
+
+def _check_data(record: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    before = record.get("data")
+    if before is None:
+        warnings.warn(f"checkpoint {path} records no data fingerprint (an older peftlab wrote it): resuming without "
+                      "checking that the training data is the same", stacklevel=4)
+        return
+    changed = [k for k in now if before.get(k) != now[k]]
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume from {path}: the training data changed since it was written ({details}); "
+                          "resume with the data the run started with, or start a new run_dir")
+
+
+def _clean_leftovers(run_dir: Path) -> None:
+    """Remove what a killed writer left in ``run_dir/checkpoints`` (the run's lock is held, so
+    no writer is alive): temporary and stale folders, which :func:`checkpoints` never lists."""
+    root = run_dir / CHECKPOINT_DIR
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
                      optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
-                     state: _State, config: TrainConfig, device: torch.device, dist: Dist = Dist()) -> Path:
+                     state: _State, config: TrainConfig, device: torch.device, dist: Dist = Dist(),
+                     data: dict[str, Any] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-<N>`` atomically and keep the newest two.
 
     In a distributed job every rank takes part (whole tensors are gathered from FSDP shards,
@@ -475,7 +580,7 @@ def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
     error: BaseException | None = None
     if dist.is_main:
         try:
-            _write_checkpoint(Path(run_dir), tensors, optim, scheduler, scaler, rng, state, config, dist)
+            _write_checkpoint(Path(run_dir), tensors, optim, scheduler, scaler, rng, state, config, dist, data)
         except BaseException as e:  # the other ranks must hear of it, or they would wait forever
             error = e
     if dist.any(error is not None):
@@ -487,62 +592,39 @@ def _save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
 
 def _write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim: dict[str, Any],
                       scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any, rng: dict[str, Any],
-                      state: _State, config: TrainConfig, dist: Dist) -> Path:
+                      state: _State, config: TrainConfig, dist: Dist, data: dict[str, Any] | None = None) -> Path:
+    """The checkpoint folder is built aside and swapped in whole (``files.replace_folder``); its
+    state file, written last, records each other file's size and sha256."""
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        save_file(tensors, str(tmp / PARAMS_FILE))
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIMIZER_FILE)
-        torch.save(rng, tmp / RNG_FILE)
-        record = {"format": _FORMAT, "config": config.to_dict(), "world_size": dist.world,
-                  **dataclasses.asdict(state)}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        for path in tmp.iterdir():
-            _fsync(path)
-        if target.exists():  # a rerun of the same step: move the old one aside first
-            stale = root / f".stale-step-{state.step}-{os.getpid()}"
-            os.replace(target, stale)
-            os.replace(tmp, target)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PeftlabError(f"could not write checkpoint {target}: {e}. The previous checkpoints are intact; "
-                           "free some disk space or choose another run_dir") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with files.replace_folder(target, f"checkpoint step {state.step}") as tmp:
+            save_file(tensors, str(tmp / PARAMS_FILE))
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIMIZER_FILE)
+            torch.save(rng, tmp / RNG_FILE)
+            listed = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                      for name in (PARAMS_FILE, OPTIMIZER_FILE, RNG_FILE)}
+            record = {"format": _FORMAT, "config": config.to_dict(), "world_size": dist.world, "files": listed,
+                      "data": data, **dataclasses.asdict(state)}
+            files.write_bytes(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    except PeftlabError as e:
+        raise PeftlabError(f"{e} The previous checkpoints are intact.") from e
     for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
-                     device: torch.device, config: TrainConfig, dist: Dist = Dist()) -> tuple[_State, TrainConfig]:
-    """Restore tensors, optimizer, scheduler, scaler and RNG from ``path``; return the state and
-    the config the checkpoint was written with."""
+def _load_checkpoint(path: Path, record: dict[str, Any], named: dict[str, nn.Parameter],
+                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
+                     device: torch.device, dist: Dist = Dist()) -> _State:
+    """Restore tensors, optimizer, scheduler, scaler and RNG from ``path`` (whose state file is
+    ``record``, already checked against this run); return the training state."""
     from safetensors.torch import load_file
 
-    record = json.loads((path / STATE_FILE).read_text())
-    if record.get("format") != _FORMAT:
-        raise ConfigError(f"checkpoint {path} has format {record.get('format')!r}, this peftlab reads "
-                          f"{_FORMAT}; start a new run_dir")
-    written_by = int(record.get("world_size", 1))
-    if written_by != dist.world:
-        raise ConfigError(f"checkpoint {path} was written by a job of {written_by} process(es), this job has "
-                          f"{dist.world}: each process's random state (dropout) is kept per rank, so resume with "
-                          f"{written_by} process(es) in total (torchrun --nnodes x --nproc_per_node = {written_by})"
-                          " or start a new run_dir")
     tensors = load_file(str(path / PARAMS_FILE))
     missing = sorted(set(named) - set(tensors))
     unexpected = sorted(set(tensors) - set(named))
@@ -551,18 +633,26 @@ def _load_checkpoint(path: Path, named: dict[str, nn.Parameter], optimizer: torc
         raise ConfigError(f"checkpoint {path} does not fit the model's trainable tensors (missing: {missing[:5]}, "
                           f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]}); resume with the same model "
                           "and method, or start a new run_dir")
+    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=device)
+    rng = torch.load(path / RNG_FILE, weights_only=True)
     for n, p in named.items():
         distributed.copy_full(p, tensors[n])
-    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=device)
     distributed.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler") is not None:
         scaler.load_state_dict(saved["scaler"])
-    rng = torch.load(path / RNG_FILE, weights_only=True)
     _set_rng_state(rng["ranks"][dist.rank] if dist.active else rng, device)
     fields = {f.name for f in dataclasses.fields(_State)}
-    state = _State(**{k: v for k, v in record.items() if k in fields})
-    return state, TrainConfig.from_dict(record["config"])
+    return _State(**{k: v for k, v in record.items() if k in fields})
+
+
+def _check_world(record: dict[str, Any], path: Path, dist: Dist) -> None:
+    written_by = int(record.get("world_size", 1))
+    if written_by != dist.world:
+        raise ConfigError(f"checkpoint {path} was written by a job of {written_by} process(es), this job has "
+                          f"{dist.world}: each process's random state (dropout) is kept per rank, so resume with "
+                          f"{written_by} process(es) in total (torchrun --nnodes x --nproc_per_node = {written_by})"
+                          " or start a new run_dir")
 
 
 def _reconcile(old: TrainConfig, new: TrainConfig, path: Path) -> list[str]:
@@ -609,6 +699,62 @@ def _overfit_line(evals: list[dict]) -> str:
             "consider fewer steps, a lower lr, more data or more weight decay")
 
 
+# --------------------------------------------------------------------------- the run directory's lock
+
+_HELD: dict[str, list[Any]] = {}  # realpath -> [FileLock, depth]: this process's locks (re-entrant)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (``flock`` on ``run_dir/.peftlab-lock``, created with the folder)
+    for the block. Re-entrant within a process; a second process fails at once. The kernel
+    drops the lock when its holder dies, so a killed run never leaves the folder locked.
+
+    Raises:
+        ConfigError: Another process holds the lock.
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    held = _HELD.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    lock = files.FileLock(path / LOCK_FILE)
+    if not lock.acquire():
+        raise ConfigError(f"run directory {path} is in use by another peftlab process (pid {lock.holder()}); "
+                          "wait for it to finish, or pass another run_dir")
+    _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        lock.release()
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path | None, dist: Dist) -> Iterator[None]:
+    """:func:`run_lock` on rank 0 (the one writer of a distributed job); every rank fails
+    together when rank 0 cannot take it. Nothing happens without a ``run_dir``."""
+    if run_dir is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        error: ConfigError | None = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except ConfigError as e:
+                error = e
+        if dist.any(error is not None):
+            raise error or ConfigError(f"rank 0 could not lock the run directory {run_dir}; see its error")
+        yield
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -647,9 +793,11 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
         config: The settings.
         run_dir: Folder for checkpoints (``run_dir/checkpoints/step-<N>``); needed for
             ``save_every`` and ``resume``.
-        resume: Continue from the newest checkpoint in ``run_dir`` (from scratch when there is
-            none). The data-order settings (seed, batch_size, grad_accum, train_examples) must
-            match; other changes apply from the resumed step on, with a warning.
+        resume: Continue from the newest intact checkpoint in ``run_dir`` (from scratch when
+            there is none; an error when every one is damaged). The data-order settings (seed,
+            batch_size, grad_accum, train_examples) and the training data itself (its
+            fingerprint: task, number of examples, sha256) must match; other changes apply
+            from the resumed step on, with a warning.
 
     Distributed: when ``torch.distributed`` is initialised (``torchrun``; see
     :mod:`peftlab.lab.distributed`) every rank calls this with the same arguments. The model is
@@ -663,13 +811,20 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
 
     Raises:
         TrainingDiverged: The loss or gradient norm became NaN/inf.
-        ConfigError: Bad settings, nothing to train, or a checkpoint that does not fit.
+        ConfigError: Bad settings, nothing to train, a checkpoint that does not fit, or a
+            ``run_dir`` that another process is training into.
     """
     config.validate()
     dist = distributed.current()
     run_path = Path(run_dir) if run_dir is not None else None
     if run_path is None and (config.save_every or resume):
         raise ConfigError("save_every and resume need a run_dir to keep checkpoints in; pass run_dir=...")
+    with hold_run_dir(run_path, dist):
+        return _train(model, tokenizer, task, config, run_path, resume, dist)
+
+
+def _train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, run_path: Path | None, resume: bool,
+           dist: Dist) -> TrainResult:
     if config.batch_size % dist.world:
         raise ConfigError(f"batch_size {config.batch_size} is the global micro-batch and must be a multiple of the "
                           f"{dist.world} processes; use batch_size {dist.world * max(1, config.batch_size // dist.world)}"
@@ -694,14 +849,21 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     state = _State()
-    start = latest_checkpoint(run_path) if resume and run_path is not None else None
-    if start is not None:
-        state, old = _load_checkpoint(start, named, optimizer, scheduler, scaler, device, config, dist)
+    data = data_fingerprint(task)
+    if run_path is not None and dist.is_main:
+        _clean_leftovers(run_path)
+    start = _resume_point(run_path) if resume and run_path is not None else None
+    if start is not None:  # every check before anything is restored
+        record = _read_record(start)
+        _check_world(record, start, dist)
+        old = TrainConfig.from_dict(record["config"])
         changed = _reconcile(old, config, start)
+        _check_data(record, data, start)
+        state = _load_checkpoint(start, record, named, optimizer, scheduler, scaler, device, dist)
         if changed:
             warnings.warn(f"resuming from {start} with changed {', '.join(changed)}: training goes on from step "
                           f"{state.step} with the new values, so it is not identical to an uninterrupted run",
-                          stacklevel=2)
+                          stacklevel=3)
             if old.lr != config.lr:
                 scheduler.base_lrs = [b * config.lr / old.lr for b in scheduler.base_lrs]
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
@@ -806,7 +968,7 @@ def train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, *, r
                     evaluate_now()
                 if save:
                     _save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device,
-                                     dist)
+                                     dist, data)
             if val_set and (not state.evals or state.evals[-1]["step"] != state.step):
                 evaluate_now()  # a resumed run that had already reached `steps`
     finally:
