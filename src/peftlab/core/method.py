@@ -101,6 +101,9 @@ class Method:
     method_name: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
     """peft's ``peft_type`` where peft has this method (its files then load in peft)."""
+    file_prefix: ClassVar[str] = FILE_PREFIX
+    """Prefix of base-model paths in file keys (peft: ``base_model.model.`` for LoRA-style
+    methods, ``base_model.`` for prompt learning, whose peft model wraps the base directly)."""
     mergeable: ClassVar[bool] = False
     """Whether the update can be folded into the base weights (``peftlab.merge``)."""
     identity_at_init: ClassVar[bool] = True

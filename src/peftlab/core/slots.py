@@ -211,6 +211,9 @@ def add_module_copies(model: nn.Module, name: str, patterns: tuple[str, ...]) ->
 
     if not patterns:
         return []
+    present = {p.rsplit(".", 1)[-1] for p, _ in model.named_modules()}
+    # peft lists every head name of a task type; the ones this model lacks are not an error
+    patterns = tuple(p for p in patterns if p not in PEFT_HEADS or p in present) or patterns
     paths = select(model, list(patterns), what="modules_to_save")
     for path in paths:
         CopyLayer.adopt(model.get_submodule(path))
@@ -227,9 +230,16 @@ def copy_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str
             yield path, module
 
 
-def copy_file_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tensor]]:
+def copy_file_tensors(model: nn.Module, name: str, prefix: str = FILE_PREFIX) -> dict[str, tuple[str, torch.Tensor]]:
+    """File keys of adapter ``name``'s module copies, under the method's ``prefix`` (peft puts a
+    prompt-learning model's copies under ``base_model.``, a LoRA model's under ``base_model.model.``)."""
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for path, layer in copy_layers(model, name):
         for key, (file_key, t) in layer.adapter_file_tensors(name).items():
-            out[f"{FILE_PREFIX}{path}.{file_key}"] = (f"{path}.{key}", t)
+            out[f"{prefix}{path}.{file_key}"] = (f"{path}.{key}", t)
     return out
+
+
+PEFT_HEADS = frozenset({"classifier", "score", "qa_outputs"})
+"""Heads peft adds to ``modules_to_save`` by task type (SEQ_CLS/TOKEN_CLS: classifier and score;
+QUESTION_ANS: qa_outputs), whichever of them the model has."""

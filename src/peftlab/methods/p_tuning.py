@@ -20,7 +20,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import register
-from peftlab.methods.prompt_tuning import PromptTuning, _check_submodules, adapter_dtype
+from peftlab.methods.prompt_tuning import PromptTuning, adapter_dtype, submodules
 
 ENCODERS = ("mlp", "lstm")
 
@@ -94,7 +94,7 @@ class PTuning(PromptTuning):
         emb = self._check_model(model)
         w = emb.weight
         dim = w.shape[1]
-        module = PromptEncoder(self.num_virtual_tokens, dim, self.encoder_hidden_size or dim, self.encoder,
+        module = PromptEncoder(self.rows(), dim, self.encoder_hidden_size or dim, self.encoder,
                                self.encoder_num_layers, self.encoder_dropout, w.device, adapter_dtype(w))
         self._init_prompt(module.embedding.weight, w, self._init_ids(w.shape[0]))
         return module
@@ -115,8 +115,8 @@ class PTuning(PromptTuning):
     def from_config(cls, config: dict[str, Any]) -> PTuning:
         if "peftlab_method" in config or config.get("peft_type") != cls.peft_type:
             return super().from_config(config)  # type: ignore[return-value]
-        _check_submodules(config, cls.method_name)
         return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), init="random",
+                   num_transformer_submodules=submodules(config),
                    encoder=str(config.get("encoder_reparameterization_type") or "MLP").lower(),
                    encoder_hidden_size=config.get("encoder_hidden_size"),
                    encoder_num_layers=int(config.get("encoder_num_layers") or 2),

@@ -178,6 +178,7 @@ class PrefixTuning(Method):
     seed: int = 0
 
     peft_type: ClassVar[str | None] = "PREFIX_TUNING"
+    file_prefix: ClassVar[str] = "base_model."  # peft's prompt-learning models wrap the base directly
     identity_at_init: ClassVar[bool] = False
     multi_adapter: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False

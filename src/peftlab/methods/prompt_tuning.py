@@ -77,10 +77,15 @@ class PromptTuning(Method):
     tokenizer: Any = field(default=None, compare=False, repr=False)
     """The caller's tokenizer (any callable returning ``{"input_ids": [...]}``), used once to turn
     ``init_text`` into ``init_token_ids``; never saved. peftlab never loads a tokenizer by name."""
+    num_transformer_submodules: int = 1
+    """peft's field: 2 on an encoder-decoder model holds ``2 x num_virtual_tokens`` prompt rows, of
+    which peft's forward and generate() use the first ``num_virtual_tokens`` (in front of the
+    encoder input); the rest are kept so that such files round-trip."""
     seed: int = 0
     """Seed of the 'vocab' and 'random' initialisations."""
 
     peft_type: ClassVar[str | None] = "PROMPT_TUNING"
+    file_prefix: ClassVar[str] = "base_model."  # peft's prompt-learning models wrap the base directly
     identity_at_init: ClassVar[bool] = False
     multi_adapter: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
@@ -96,6 +101,9 @@ class PromptTuning(Method):
                               "20 is a good start")
         if self.init not in INITS:
             raise ConfigError(f"{self.method_name}: init must be one of {INITS} (got {self.init!r})")
+        if self.num_transformer_submodules not in (1, 2):
+            raise ConfigError(f"{self.method_name}: num_transformer_submodules must be 1 or 2 "
+                              f"(got {self.num_transformer_submodules!r})")
         if self.init == "text" and not self.init_text:
             raise ConfigError(f"{self.method_name}: init='text' needs init_text (a description of the task)")
         if self.init == "text" and not self.init_token_ids:
@@ -129,8 +137,12 @@ class PromptTuning(Method):
                               f"model's {limit} positions; use fewer (e.g. 20)")
         return model.get_input_embeddings()
 
+    def rows(self) -> int:
+        """Prompt rows the adapter holds (``num_virtual_tokens`` of them act)."""
+        return self.num_virtual_tokens * self.num_transformer_submodules
+
     def _init_ids(self, vocab: int) -> torch.Tensor:
-        n = self.num_virtual_tokens
+        n = self.rows()
         if self.init == "text":
             ids = list(self.init_token_ids)
             if not ids:
@@ -149,7 +161,7 @@ class PromptTuning(Method):
         emb = self._check_model(model)
         w = emb.weight
         ids = self._init_ids(w.shape[0])
-        module = PromptEmbedding(self.num_virtual_tokens, w.shape[1], w.device, adapter_dtype(w))
+        module = PromptEmbedding(self.rows(), w.shape[1], w.device, adapter_dtype(w))
         self._init_prompt(module.embedding.weight, w, ids)
         return module
 
@@ -167,6 +179,9 @@ class PromptTuning(Method):
     def attach(self, model: nn.Module, name: str) -> None:
         module = self.build(model)
         enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.num_transformer_submodules == 2 and not enc_dec:
+            raise ConfigError(f"{self.method_name}: num_transformer_submodules=2 is peft's encoder-decoder layout; "
+                              f"{type(model).__name__} is not encoder-decoder (use 1)")
         if enc_dec and not hasattr(model, "get_encoder"):
             raise ConfigError(f"{self.method_name}: {type(model).__name__} is encoder-decoder but has no get_encoder()")
         inputs.add_module(model, name, module)
@@ -197,7 +212,7 @@ class PromptTuning(Method):
 
     # ------------------------------------------------------------------------- hooks
     def _prompt(self, model: nn.Module, name: str, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        p = inputs.get_module(model, name).prompt().to(dtype)
+        p = inputs.get_module(model, name).prompt()[:self.num_virtual_tokens].to(dtype)
         return p.unsqueeze(0).expand(batch, -1, -1)
 
     def _embed(self, model: nn.Module, name: str, kw: dict[str, Any]) -> int:
@@ -302,7 +317,7 @@ class PromptTuning(Method):
             "task_type": inputs.peft_task_type(model),
             "num_virtual_tokens": self.num_virtual_tokens,
             "token_dim": hidden,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": self.num_transformer_submodules,
             "num_attention_heads": heads,
             "num_layers": layers,
             "modules_to_save": list(self.modules_to_save) or None,
@@ -319,13 +334,15 @@ class PromptTuning(Method):
     def from_config(cls, config: dict[str, Any]) -> PromptTuning:
         if "peftlab_method" in config or config.get("peft_type") != cls.peft_type:
             return super().from_config(config)
-        _check_submodules(config, cls.method_name)
         return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), init="random",
+                   num_transformer_submodules=submodules(config),
                    modules_to_save=tuple(config.get("modules_to_save") or ()))
 
 
-def _check_submodules(config: dict[str, Any], method: str) -> None:
-    if (config.get("num_transformer_submodules") or 1) != 1:
-        raise ConfigError(f"{method}: this peft adapter also prompts the decoder of an encoder-decoder model "
-                          f"(num_transformer_submodules={config['num_transformer_submodules']}); peftlab prompts "
-                          "the encoder only")
+def submodules(config: dict[str, Any]) -> int:
+    """peft's ``num_transformer_submodules`` of a prompt-learning config (1 or 2)."""
+    value = config.get("num_transformer_submodules") or 1
+    if value not in (1, 2):
+        raise ConfigError(f"num_transformer_submodules={value!r} is not a layout peft writes (1, or 2 for "
+                          "encoder-decoder models)")
+    return int(value)
