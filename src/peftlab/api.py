@@ -23,7 +23,7 @@ from peftlab.core.errors import AdapterStateError, ConfigError, NonFiniteError
 from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
 from peftlab.core.method import Method, get_method
 from peftlab.core.slots import CopyLayer, Slot, registry
-from peftlab.core.transaction import transaction
+from peftlab.core.transaction import before_write, transaction
 
 
 def attach(model: nn.Module, method: Method | str, name: str = "default", *, trainable: bool = True,
@@ -252,7 +252,10 @@ def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
                 live = [n for n in reg.active if n in layer.adapter_names()]
                 if live:
                     state = layer.peftlab_copy[live[0]].state_dict()
-                    layer.restore().load_state_dict(state)
+                    original = layer.restore()
+                    for t in [*original.parameters(), *original.buffers()]:
+                        before_write(t)  # the copy's values go into the original's own tensors
+                    original.load_state_dict(state)
         for _, layer in list(adapter_layers(model)):
             layer.restore()
         for p in model.parameters():

@@ -34,8 +34,10 @@ per module and works on the meta device):
     the cost is the tensor's size, so use it for small tensors such as biases, or where no exact
     inverse exists);
   - :func:`on_undo` ``(fn, *written)``: registers an exact inverse that costs no copy (the merge of an
-    adapter is undone by its exact unmerge). Undo steps run in reverse order, *after* the
-    structure is restored, so they may use only state that existed when the transaction began.
+    adapter is undone by its exact unmerge).
+
+  Both kinds go into one log, replayed in reverse order on failure, *after* the structure is
+  restored: an undo step may use only state that existed when the transaction began.
 
   Writes into tensors created inside the transaction need no log: those tensors go away.
 
@@ -131,29 +133,38 @@ class Transaction:
                     tensors.setdefault(id(t), t)
         self._tensors = tensors
         self._flags = {i: (t.requires_grad, _version(t)) for i, t in tensors.items()}
-        self._saved: dict[int, torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
+        """Undo steps in the order of the writes they reverse (value restores and inverses)."""
+        self._kept: set[int] = set()
+        """Tensors whose value this transaction's log restores in full (logged once)."""
         self._covered: set[int] = set()
+        """Tensors some undo step writes back (for the check that every write was logged)."""
 
     def tracks(self, t: torch.Tensor) -> bool:
         return id(t) in self._tensors and self._tensors[id(t)] is t
 
-    def needs(self, t: torch.Tensor) -> bool:
-        """Whether a write into ``t`` must be logged here (tracked, value not kept yet)."""
-        return self.tracks(t) and id(t) not in self._saved
+    def keep(self, t: torch.Tensor) -> None:
+        """Log ``t``'s current value (once per transaction: the first copy restores the value the
+        tensor had before every later write, so later ones would be overwritten anyway)."""
+        if id(t) in self._kept:
+            return
+        with torch.no_grad():
+            value = t.detach().clone()
+        self._undo.append(lambda: t.copy_(value))
+        self._kept.add(id(t))
+        self._covered.add(id(t))
 
     def join(self, outer: Transaction) -> None:
-        """Hand this (committed) transaction's undo steps to the enclosing one (kept values are
-        already there: :func:`before_write` gives them to every open transaction)."""
+        """Hand this (committed) transaction's log to the enclosing one, in order."""
         outer._undo.extend(self._undo)
-        outer._covered |= {i for i in self._covered if i in outer._tensors}
+        outer._kept |= self._kept
+        outer._covered |= self._covered
 
     def rollback(self) -> list[str]:
         """Restore the state of entry; returns what could not be restored (empty when exact)."""
         problems: list[str] = []
         unlogged = [tuple(t.shape) for i, t in self._tensors.items()
-                    if self._flags[i][1] is not None and _version(t) != self._flags[i][1]
-                    and i not in self._saved and i not in self._covered]
+                    if self._flags[i][1] is not None and _version(t) != self._flags[i][1] and i not in self._covered]
         for state in reversed(self._objects):
             state.restore()
         with torch.no_grad():
@@ -162,8 +173,6 @@ class Transaction:
                     fn()
                 except Exception as e:  # keep restoring the rest; the caller reports it
                     problems.append(f"an undo step failed ({type(e).__name__}: {e})")
-            for i, value in self._saved.items():
-                self._tensors[i].copy_(value)
         for i, t in self._tensors.items():
             grad, version = self._flags[i]
             if t.requires_grad != grad:
@@ -173,7 +182,7 @@ class Transaction:
         if unlogged:
             problems.append(f"{len(unlogged)} tensor(s) were written in place without before_write/on_undo "
                             f"(shapes {unlogged[:4]}); their values may differ")
-        self._saved.clear()
+        self._kept.clear()
         self._undo.clear()
         self._covered.clear()
         return problems
@@ -201,16 +210,12 @@ def transaction(model: nn.Module) -> Iterator[Transaction]:
 
 
 def before_write(tensor: torch.Tensor) -> None:
-    """Call before writing into ``tensor`` in place: every open transaction that knew ``tensor``
-    on entry keeps its value (one copy, shared). A no-op outside a transaction and for tensors
-    created inside it."""
-    copy: torch.Tensor | None = None
-    for tx in _stack():
-        if tx.needs(tensor):
-            if copy is None:
-                with torch.no_grad():
-                    copy = tensor.detach().clone()
-            tx._saved[id(tensor)] = copy
+    """Call before writing into ``tensor`` in place: the innermost open transaction keeps its
+    value (a copy of the tensor, once per transaction). A no-op outside a transaction and for
+    tensors created inside it."""
+    stack = _stack()
+    if stack and any(tx.tracks(tensor) for tx in stack):
+        stack[-1].keep(tensor)
 
 
 def on_undo(fn: Callable[[], None], *written: torch.Tensor) -> None:
@@ -220,4 +225,4 @@ def on_undo(fn: Callable[[], None], *written: torch.Tensor) -> None:
     stack = _stack()
     if stack:
         stack[-1]._undo.append(fn)
-        stack[-1]._covered.update(id(t) for t in written if stack[-1].tracks(t))
+        stack[-1]._covered.update(id(t) for t in written)
