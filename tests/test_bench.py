@@ -95,3 +95,14 @@ def test_profile_overrides_apply_to_every_method_and_are_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown profile field"):
         run(BenchConfig(model="tiny-bert", task="tweets", profile="smoke", run_dir=tmp_path / "x",
                         overrides={"stepz": 2}))
+
+
+def test_overwrite_from_python_keeps_a_folder_the_bench_did_not_write(tmp_path):
+    """bench.run(overwrite=True) refuses, like the CLI, a folder holding files it did not write."""
+    from peftlab.core.errors import ConfigError
+    from peftlab.lab import bench
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="did not write"):
+        bench.run(bench.BenchConfig(task="tweets", run_dir=str(tmp_path), overwrite=True, methods=["lora"]))
+    assert (tmp_path / "notes.txt").read_text() == "mine"

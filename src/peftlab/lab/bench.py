@@ -340,6 +340,9 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
     if run_dir.exists() and any(run_dir.iterdir()) and not (config.resume or config.overwrite):
         raise peftlab.ConfigError(f"{run_dir} exists; pass --resume to continue it or --overwrite to replace it")
     if config.overwrite and run_dir.exists():
+        from peftlab.lab.bench_cli import check_overwrite
+
+        check_overwrite(run_dir)  # only a folder holding nothing but the bench's own entries is replaced
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
