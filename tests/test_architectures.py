@@ -76,7 +76,7 @@ SPECS: dict[str, tuple[str, str, dict, str]] = {
 _NO_CACHE = r"takes no key/value cache.*prompt_tuning"
 _NOT_TOKENS = r"token-embedding table.*ViTPatchEmbeddings.*lora"
 _NO_BIAS = r"bitfit: .*has no bias parameters.*Use LoRA"
-_QLORA_CONV1D = r"qlora: .*Conv1D.*supported types"
+_QLORA_CONV1D = r"qlora: .*Conv1D.*supported types.*lora adapts"
 REFUSED: dict[tuple[str, str], str] = {
     **{(a, "bitfit"): _NO_BIAS for a in ("llama", "qwen3", "mistral", "mixtral", "gemma2", "phi3", "t5")},
     **{(a, "prefix_tuning"): _NO_CACHE for a in ("distilbert", "deberta-v2", "vit")},

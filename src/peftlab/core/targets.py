@@ -188,7 +188,9 @@ def select(
             names = sorted({t.__name__ for t in supported or ()} | set(supported_names))
             raise TargetError(f"{what}: target {entry!r} selects only modules of type {kinds} "
                               f"({', '.join(hits[:3])}{', ...' if len(hits) > 3 else ''}), which {what} "
-                              f"cannot adapt; supported types: {names}.")
+                              f"cannot adapt; supported types: {names}. Name modules of a supported type in "
+                              "target_modules, or use a method that adapts these (lora adapts Linear, Conv1D, "
+                              "Embedding and Conv layers).")
         chosen.update(dict.fromkeys(typed))
 
     by_path = dict(candidates)
