@@ -264,7 +264,7 @@ def test_every_peft_lora_field_is_read_described_or_refused():
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("use_dora", True), ("lora_bias", True), ("layers_pattern", "layers"), ("ensure_weight_tying", True),
+    ("alora_invocation_tokens", [5, 6]), ("lora_bias", True), ("layers_pattern", "layers"), ("ensure_weight_tying", True),
     ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("init_lora_weights", "olora"),
     ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "loftq"), ("use_qalora", True)])
 def test_an_option_peftlab_lacks_is_refused_by_name(field, value, tmp_path):

@@ -57,21 +57,37 @@ class LoRALayer(MergeableLayer):
         self.__dict__.get("peftlab_scaling", {}).pop(name, None)
 
     def restore(self) -> nn.Module:
-        self.__dict__.pop("peftlab_scaling", None)
+        for attr in ("peftlab_scaling", "peftlab_row_norms", "peftlab_dora_merged"):
+            self.__dict__.pop(attr, None)
         return super().restore()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
         for name in self.live_adapters():
-            out = out + self.lora_output(name, x).to(out.dtype)
+            out = out + self.adapter_output(name, x, out).to(out.dtype)
         return out
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``out`` (the output so far, as peft accumulates it)."""
+        return self.lora_output(name, x)
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class LoRALinearLayer(LoRALayer):
-    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (same maths, transposed weight)."""
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (same maths, transposed weight), optionally
+    weight-decomposed (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353)::
+
+        h = b + m / ||W + s B A||_row * (W x + s B A x)      (the norm detached, the paper's Sec. 4.3)
+
+    ``m`` (``lora_magnitude_vector``, d_out) starts at ``||W||_row``, so DoRA is the identity at
+    init. The row norms come without the ``d_out x d_in`` matrix ``W + s B A``:
+    ``||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)``, with ``||W||^2`` cached.
+    """
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    parameter_containers = ("lora_magnitude_vector",)
 
     def _shape(self) -> tuple[int, int]:
         w = self.weight
@@ -94,8 +110,68 @@ class LoRALinearLayer(LoRALayer):
         return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))) * self.peftlab_scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        merged = self.__dict__.get("peftlab_dora_merged", {})
+        if name in merged:  # a merged DoRA update depends on the weight before the merge: use it as merged
+            return merged[name]
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.peftlab_scaling[name]
+        if name in self.lora_magnitude_vector:  # DoRA: the merged weight is m / ||W + dW|| * (W + dW)
+            w = self._matrix().float()
+            scale = self.lora_magnitude_vector[name].float() / self.dora_norm(name).float()
+            delta = scale[:, None] * (w + delta) - w
         return delta if isinstance(self, nn.Linear) else delta.T
+
+    # ------------------------------------------------------------------------- DoRA
+    def merge_adapter(self, name: str) -> None:
+        """A DoRA update is kept (fp32, the weight's size) while merged: it is a function of the
+        weight it was merged into, so unmerging needs it as it was."""
+        dora = name in self.lora_magnitude_vector and name not in self.__dict__.get("peftlab_merged", [])
+        delta = self.delta_weight(name) if dora else None
+        super().merge_adapter(name)
+        if delta is not None:
+            self.__dict__.setdefault("peftlab_dora_merged", {})[name] = delta
+
+    def _unmerge_last(self) -> None:
+        name = self.peftlab_merged[-1]
+        super()._unmerge_last()
+        self.__dict__.get("peftlab_dora_merged", {}).pop(name, None)
+
+    def _matrix(self) -> torch.Tensor:
+        """The base weight as ``(d_out, d_in)``."""
+        return self.weight if isinstance(self, nn.Linear) else self.weight.T
+
+    def add_dora(self, name: str) -> None:
+        """Make adapter ``name`` weight-decomposed: ``m`` starts at the base rows' norms."""
+        with torch.no_grad():
+            m = self._matrix().float().norm(dim=1).to(_adapter_dtype(self.weight))
+        self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    @torch.no_grad()
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output row (no gradient, as in the paper and peft), in fp32."""
+        w = self._matrix()
+        cache = self.__dict__.setdefault("peftlab_row_norms", {})
+        key = (w._version, w.data_ptr())
+        if cache.get("key") != key:
+            cache["key"], cache["sq"] = key, w.float().pow(2).sum(1)
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        s = self.peftlab_scaling[name]
+        wa = (w @ self.lora_A[name].weight.to(w.dtype).T).float()  # (d_out, r)
+        sq = cache["sq"] + 2 * s * (b * wa).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return self.lora_output(name, x)
+        a, dropout = self.lora_A[name], self.lora_dropout[name]
+        xd = dropout(x.to(a.weight.dtype))
+        lora = self.lora_B[name](a(xd) * self.peftlab_scaling[name])
+        scale = (self.lora_magnitude_vector[name] / self.dora_norm(name).to(lora.dtype)).to(lora.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base = out if self.bias is None else out - self.bias
+        else:  # the base output of the dropped input, as peft computes it
+            base = F.linear(xd.to(self.weight.dtype), self._matrix())
+        return (scale - 1) * base.to(lora.dtype) + scale * lora
 
 
 class LoRAEmbeddingLayer(LoRALayer):
@@ -280,7 +356,8 @@ def fused_expert_parameters(model: nn.Module) -> list[str]:
 
 PEFT_HANDLED = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                           "layers_to_transform", "use_rslora", "bias", "rank_pattern", "alpha_pattern",
-                          "modules_to_save", "init_lora_weights", "target_parameters", "fan_in_fan_out"})
+                          "modules_to_save", "init_lora_weights", "target_parameters", "fan_in_fan_out",
+                          "use_dora"})
 """Fields of peft's LoraConfig that peftlab's LoRA reads (fan_in_fan_out: GPT-2's Conv1D is found by type)."""
 PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
                            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"})
@@ -379,6 +456,9 @@ class LoRA(Method):
     init: str = "default"
     """'default' (A Kaiming-uniform, B zero), 'gaussian' (A ~ N(0, 1/r)), 'random' (B random too:
     not identity at init; for tests and research)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA; peft's ``use_dora``): a trained magnitude per output row on top
+    of the low-rank direction update. Linear and Conv1D layers; mergeable."""
     target_parameters: tuple[str, ...] = ()
     """Parameters (not modules) to adapt, peft's option of that name: fused mixture-of-experts
     tensors such as 'mlp.experts.gate_up_proj' get one low-rank update per expert."""
@@ -449,10 +529,15 @@ class LoRA(Method):
         ranks = {p: pattern_value(self.rank_pattern, p, self.r) for p in paths}
         for path, module in modules.items():  # every check before any change
             check_rank(module, ranks[path], path)
+            if self.dora and layer_kind(module) is not LoRALinearLayer:
+                raise ConfigError(f"lora: dora=True is implemented for Linear and Conv1D layers; {path} is a "
+                                  f"{type(module).__name__} (exclude it with exclude_modules, or use dora=False)")
         for path, module in modules.items():
             layer = layer_kind(module).adopt(module)  # type: ignore[union-attr]
             alpha = pattern_value(self.alpha_pattern, path, self.alpha)
             layer.add_adapter(name, ranks[path], alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+            if self.dora:
+                layer.add_dora(name)  # type: ignore[attr-defined]
         for path, names in params.items():
             player = LoRAParamLayer.adopt(model.get_submodule(path))
             assert isinstance(player, LoRAParamLayer)
@@ -511,7 +596,7 @@ class LoRA(Method):
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
-            "use_dora": False,
+            "use_dora": self.dora,
             "lora_bias": False,
             "target_parameters": list(self.target_parameters) or None,
         }
@@ -555,4 +640,5 @@ class LoRA(Method):
             modules_to_save=tuple(config.get("modules_to_save") or ()),
             init="gaussian" if init == "gaussian" else "random" if init is False else "default",
             target_parameters=tuple(config.get("target_parameters") or ()),
+            dora=bool(config.get("use_dora", False)),
         )
