@@ -139,6 +139,15 @@ def test_save_load_round_trip(method, model_name, tmp_path):
         peftlab.adapter_parameters(fresh2, "default"))
 
 
+def _merges_into_layers(model, name: str = "default") -> bool:
+    """Whether merging adapter ``name`` writes base weights (False: its update already lives in
+    base tensors it trains in place, as BitFit's and GaLore's do, so merging is a no-op)."""
+    from peftlab.core.layer import MergeableLayer
+
+    method = peftlab.adapters(model)[name]
+    return any(isinstance(layer, MergeableLayer) for _, layer in method.adapted_layers(model, name))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
 def test_merged_equals_unmerged(method, model_name, dtype):
@@ -146,10 +155,15 @@ def test_merged_equals_unmerged(method, model_name, dtype):
         pytest.skip(f"{method} is not mergeable")
     x = batch(model=model_name)
     model = build(method, model_name).to(dtype)
+    if not _merges_into_layers(model):
+        pytest.skip(f"{method}'s merge is a no-op (its update lives in the base tensors): "
+                    "test_no_op_merge checks that")
     perturb(peftlab.adapter_parameters(model, "default"), scale=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     unmerged = out(model, x)
     peftlab.merge(model)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "a merge of a perturbed adapter must change base weights"
     merged = out(model, x)
     tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(merged, unmerged, rtol=tol, atol=tol)
@@ -160,6 +174,34 @@ def test_merged_equals_unmerged(method, model_name, dtype):
     torch.testing.assert_close(out(plain, x), unmerged, rtol=tol, atol=tol)
     assert peftlab.adapters(plain) == {}
     assert set(plain.state_dict()) == set(TINY[model_name](0).state_dict())
+    assert not any(peftlab.api.is_adapter_layer(m) for m in plain.modules())
+
+
+@pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)
+def test_no_op_merge(method, model_name):
+    """A method whose update lives in the base tensors (trained in place): merging writes
+    nothing, the merged model is the trained model, and merge_and_unload gives a plain model
+    that computes what the adapted model computed (not the base)."""
+    if not method_class(method).mergeable:
+        pytest.skip(f"{method} is not mergeable")
+    x = batch(model=model_name)
+    base = out(reference(method, model_name), x)
+    model = build(method, model_name)
+    if _merges_into_layers(model):
+        pytest.skip(f"{method} merges into base weights: test_merged_equals_unmerged checks that")
+    perturb(peftlab.adapter_parameters(model, "default"), scale=0.05)
+    trained = out(model, x)
+    assert not torch.allclose(trained, base), "the trained-in-place update must change the output"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftlab.merge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a no-op merge wrote weights"
+    torch.testing.assert_close(out(model, x), trained, rtol=0, atol=0)
+    plain = peftlab.merge_and_unload(model)
+    assert peftlab.adapters(plain) == {}
+    assert not any(peftlab.api.is_adapter_layer(m) for m in plain.modules())
+    assert set(plain.state_dict()) == set(TINY[model_name](0).state_dict())
+    assert not any(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(out(plain, x), trained, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("method", "model_name"), CASES, ids=IDS)

@@ -594,3 +594,109 @@ def test_report_fault_counts(capsys):
             print(f"\n{len(FAULT_COUNTS)} operations, {total} injected faults")
             for what, s in sorted(FAULT_COUNTS.items()):
                 print(f"  {what}: {s}")
+
+
+# ----------------------------------------------------------------------------- generated configs
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import typing  # noqa: E402
+
+ENTRIES = st.sampled_from([
+    "q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head", "self_attn", "mlp", "model", "norm", "query",
+    "value", "dense", "classifier", "word_embeddings", "c_attn", "layers.0.self_attn.q_proj", "*.q_proj",
+    "*.layer.*.attention.*", "model.layers.*.mlp.*", "re:.*proj", "re:(", "re:.*\\.1\\..*", "re:[", "type:Linear",
+    "type:Embedding", "type:LayerNorm", "type:Nope", "all-linear", "", "nope", "forward", "q_projj", ".*attn.*",
+    ".*mlp.*", ".*attention.*"])
+"""Target entries: exact names, globs, regexes (some invalid), types, and names that do not exist."""
+PATTERN_KEYS = st.sampled_from(["q_proj", "v_proj", "layers\\.0\\..*", "(", "query", "nope", "*"])
+MEMBERS = st.sampled_from([{"method": "houlsby"}, {"method": "pfeiffer", "reduction_factor": 8},
+                           {"method": "compacter", "phm_dim": 2}, {"method": "lora"}, {"method": 5}, {},
+                           "houlsby", {"method": "houlsby", "reduction_factor": 0}, {"method": "houlsby", "x": 1}])
+JUNK = st.sampled_from([None, "", "x", 3, -1, 2.5, True, [], {}, float("nan")])
+NAMES = st.sampled_from(["default", "default", "task_a", "forward", "a.b", "", "train", "x" * 3, "keys"])
+
+
+def _values(hint: Any, name: str) -> st.SearchStrategy[Any]:
+    """Valid and invalid values for a field of type ``hint`` named ``name``."""
+    if name in ("target_modules", "exclude_modules", "modules_to_save", "quantize_also", "placement"):
+        entries = st.sampled_from(["attn", "ffn", "x"]) if name == "placement" else ENTRIES
+        return st.lists(entries, max_size=3) | entries | JUNK
+    if name == "layers":
+        item = st.integers(-1, 3) | st.sampled_from(["0-1", "1", "x", "3-1", "0,1"])
+        return st.none() | st.lists(item, max_size=3) | item | JUNK
+    if name == "adapters":
+        return st.dictionaries(st.sampled_from(["a", "b", "forward", "x.y"]), MEMBERS, max_size=3) | JUNK
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, __import__("types").UnionType):
+        return st.one_of([_values(a, name) for a in args])
+    if hint is type(None):
+        return st.none()
+    if hint is bool:
+        return st.booleans() | st.sampled_from(["false", "true", 0, 1, None])
+    if hint is int:
+        return st.integers(-2, 40) | st.sampled_from([True, 2.5, "8", None, 10 ** 9])
+    if hint is float:
+        return (st.floats(-2, 50, allow_nan=False)
+                | st.sampled_from([float("nan"), float("inf"), -float("inf"), "1.0", True, None, 0.0]))
+    if hint is str:
+        return st.sampled_from(["", "nope", "default", "none", "all", "lora_only", "gaussian", "random", "mlp",
+                                "lstm", "vocab", "nf4", "int8", "auto", "bf16", "relu", "gelu", 3, None])
+    if origin is dict:
+        key = PATTERN_KEYS if name.endswith("pattern") else st.sampled_from(["a", "blocks", "attn_out", "x"])
+        return st.dictionaries(key, _values(args[1], "") if args else JUNK, max_size=2) | JUNK
+    if origin is tuple or origin is list or hint in (tuple, list):
+        item = _values(args[0], "") if args else JUNK
+        return st.lists(item, max_size=3) | JUNK
+    if hint is Any:
+        return JUNK
+    return st.lists(st.integers(-1, 40), max_size=4) | JUNK  # e.g. a Sequence[int]
+
+
+def config_strategy(method: str, model_name: str) -> st.SearchStrategy[dict[str, Any]]:
+    """The method's example options with up to three of its fields replaced by generated values
+    (so that most examples get past the field checks and reach the model)."""
+    cls = method_class(method)
+    hints = typing.get_type_hints(cls)
+    optional = {f.name: _values(hints.get(f.name, Any), f.name) for f in dataclasses.fields(cls)
+                if f.name != "tokenizer"}
+    base = METHOD_EXAMPLES[method][model_name]
+    chosen = st.lists(st.sampled_from(sorted(optional)), max_size=3, unique=True)  # few fields at a time
+    return chosen.flatmap(lambda keys: st.fixed_dictionaries({k: optional[k] for k in keys})).map(
+        lambda o: {**base, **o})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generated_configs_raise_only_peftlab_errors_and_change_nothing(method):
+    model_name = first_model(method)
+    template = TINY[model_name](0)
+    holder: dict[str, nn.Module] = {}
+
+    def fresh(existing: bool) -> nn.Module:
+        model = copy.deepcopy(template)
+        if existing:  # a model that already carries an adapter: the registry must be restored too
+            peftlab.attach(model, method, "existing", **METHOD_EXAMPLES[method][model_name])
+        return model
+
+    @settings(max_examples=50, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(options=config_strategy(method, model_name), name=NAMES,
+           existing=st.booleans() if method_class(method).multi_adapter else st.just(False))
+    def check(options: dict[str, Any], name: str, existing: bool) -> None:
+        key = f"existing={existing}"
+        model = holder.pop(key, None) or fresh(existing)
+        before = fingerprint(model)
+        try:
+            peftlab.attach(model, method, name, **options)
+        except errors.PeftlabError as e:
+            assert_same(before, fingerprint(model), f"{method} {options} name={name!r}: {e}")
+            holder[key] = model  # unchanged: reuse it
+        except Exception as e:  # noqa: BLE001
+            raise AssertionError(f"{method} {options} name={name!r} raised {type(e).__name__} (not a peftlab "
+                                 f"error): {e}") from e
+        else:
+            assert name in peftlab.adapters(model)
+
+    check()

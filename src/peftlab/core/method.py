@@ -354,9 +354,10 @@ def _hints(cls: type) -> dict[str, Any]:
 _NO = object()
 
 
-def _conform(hint: Any, v: Any) -> Any:
-    """``v`` if it is a value of type ``hint`` (a list for a tuple, a scalar for a one-element
-    tuple: normalised to the tuple), else ``_NO``. Floats must be finite; bools are not ints."""
+def _conform(hint: Any, v: Any, top: bool = True) -> Any:
+    """``v`` if it is a value of type ``hint`` (a list for a tuple, and for a field itself a
+    scalar for a one-element tuple: normalised to the tuple), else ``_NO``. Floats must be
+    finite; bools are not ints."""
     if hint is Any or isinstance(hint, typing.TypeVar):
         return v
     if hint is None or hint is type(None):
@@ -364,7 +365,7 @@ def _conform(hint: Any, v: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for arg in args:
-            out = _conform(arg, v)
+            out = _conform(arg, v, top)
             if out is not _NO:
                 return out
         return _NO
@@ -380,26 +381,26 @@ def _conform(hint: Any, v: Any) -> Any:
             return tuple(v) if isinstance(v, (list, tuple)) else _NO
         if len(args) == 2 and args[1] is Ellipsis:
             if not isinstance(v, (list, tuple)):
-                return (v,) if _conform(args[0], v) is not _NO else _NO
-            items = [_conform(args[0], x) for x in v]
+                return (v,) if top and _conform(args[0], v, False) is not _NO else _NO
+            items = [_conform(args[0], x, False) for x in v]
         else:
             if not isinstance(v, (list, tuple)) or len(v) != len(args):
                 return _NO
-            items = [_conform(a, x) for a, x in zip(args, v)]
+            items = [_conform(a, x, False) for a, x in zip(args, v)]
         return _NO if any(x is _NO for x in items) else tuple(items)
     if origin is dict or hint is dict:
         if not isinstance(v, dict):
             return _NO
         if not args:
             return v
-        pairs = [(_conform(args[0], k), _conform(args[1], x)) for k, x in v.items()]
+        pairs = [(_conform(args[0], k, False), _conform(args[1], x, False)) for k, x in v.items()]
         if any(k is _NO or x is _NO for k, x in pairs):
             return _NO
         return v if all(k is k0 and x is x0 for (k, x), (k0, x0) in zip(pairs, v.items())) else dict(pairs)
     if origin is list or hint is list:
         if not isinstance(v, (list, tuple)):
             return _NO
-        items = [_conform(args[0], x) for x in v] if args else list(v)
+        items = [_conform(args[0], x, False) for x in v] if args else list(v)
         return _NO if any(x is _NO for x in items) else list(items)
     if isinstance(hint, type):
         return v if isinstance(v, hint) else _NO

@@ -84,6 +84,20 @@ def matches(entry: str, path: str, module: nn.Module) -> bool:
     return path == entry or path.endswith("." + entry)
 
 
+def check_entry(entry: object, label: str = "target", what: str = "method") -> None:
+    """Refuse an entry that is not a string, or a ``re:`` entry that is not a regular expression."""
+    if not isinstance(entry, str):
+        raise TargetError(f"{what}: {label} entry {entry!r} must be a string (use 'type:Linear' for types)")
+    if not entry:
+        raise TargetError(f"{what}: {label} entry '' is empty; name a module, e.g. 'q_proj'")
+    if entry.startswith("re:"):
+        try:
+            re.compile(entry[3:])
+        except re.error as e:
+            raise TargetError(f"{what}: {label} entry {entry!r} is not a regular expression ({e}); escape "
+                              "special characters with a backslash, e.g. 're:.*\\.q_proj'") from None
+
+
 def _output_head_paths(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -156,6 +170,11 @@ def select(
     entries = [targets] if isinstance(targets, str) else list(targets)
     if not entries:
         raise TargetError(f"{what}: target_modules is empty; name at least one module (or 'all-linear')")
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    for label, group in (("target", entries), ("exclude", exclude), ("modules_to_save", skip)):
+        for entry in group:
+            check_entry(entry, label, what)
     keep_layers = parse_layers(layers)
     candidates = candidate_modules(model)
     heads = _output_head_paths(model)
@@ -172,8 +191,6 @@ def select(
 
     chosen: dict[str, None] = {}
     for entry in entries:
-        if not isinstance(entry, str):
-            raise TargetError(f"{what}: target entry {entry!r} must be a string (use 'type:Linear' for types)")
         if entry == ALL_LINEAR:
             hits = [p for p, m in candidates if is_linear(m) and p not in heads and not skipped(p, m)
                     and not is_router(model, p, m)]

@@ -170,7 +170,7 @@ class FLoRA(Method):
     exclude_modules: tuple[str, ...] = ()
     layers: tuple[int | str, ...] | None = None
     """Only these transformer-block indices (ints or ranges like '0-5'); None: all."""
-    rank_pattern: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    rank_pattern: dict[str, Sequence[int]] = field(default_factory=dict)  # checked below: one rank per mode
     """Per-module ranks, one per weight mode in the weight's dimension order: {regex: ranks},
     peft's rule (the first key matching the end of the module path)."""
 
