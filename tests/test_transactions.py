@@ -700,3 +700,21 @@ def test_generated_configs_raise_only_peftlab_errors_and_change_nothing(method):
             assert name in peftlab.adapters(model)
 
     check()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_file_missing_one_tensor_changes_nothing(method, tmp_path):
+    """The review's case: a QLoRA file with one tensor missing left 4 layers quantized."""
+    from safetensors.torch import load_file, save_file
+
+    peftlab.save(attached(method, "tiny-llama"), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors[sorted(tensors)[-1]]
+    save_file(tensors, weights)  # a plain file (no peftlab header): as another tool would write it
+    model = _llama()
+    before = fingerprint(model)
+    with pytest.raises(errors.AdapterFileError, match="missing"):
+        peftlab.load(model, tmp_path)
+    assert_same(before, fingerprint(model))
+    assert not any(isinstance(m, quant.QuantizedModule) for m in model.modules())

@@ -141,6 +141,13 @@ class Method:
     derived from them for inference (P-tuning and prefix tuning save their prompt encoder's output,
     as peft does, so loading needs no encoder)."""
 
+    trains_base_weights: ClassVar[bool] = False
+    """Whether the method trains the base model's own weights in full, in place and without a copy
+    of the originals (full-parameter training with its own optimizer: GaLore). Its tensors are
+    then the base weights: ``peftlab.disabled`` and ``detach`` refuse (there is no base to go back
+    to), up to 100 % of the base trains, and its saved file is the full trained model."""
+
+    # ----------------------------------------------------------------------------- fields
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every method's fields are type-checked when it is built, before its own __post_init__.
         super().__init_subclass__(**kwargs)
@@ -155,13 +162,9 @@ class Method:
             cls.__post_init__ = post_init  # type: ignore[attr-defined]
 
     def __post_init__(self) -> None:
+        """Check every field against its declared type (:func:`check_fields`); subclasses'
+        own ``__post_init__`` runs after this check (``__init_subclass__`` arranges it)."""
         check_fields(self)
-
-    trains_base_weights: ClassVar[bool] = False
-    """Whether the method trains the base model's own weights in full, in place and without a copy
-    of the originals (full-parameter training with its own optimizer: GaLore). Its tensors are
-    then the base weights: ``peftlab.disabled`` and ``detach`` refuse (there is no base to go back
-    to), up to 100 % of the base trains, and its saved file is the full trained model."""
 
     # ----------------------------------------------------------------------------- sizing
     def extra_sequence_tokens(self) -> int:
