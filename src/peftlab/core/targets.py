@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from peftlab.core.config import first_int, text_config
 from peftlab.core.errors import TargetError
 from peftlab.core.layer import AdapterLayer
 
@@ -105,13 +106,8 @@ def _output_head_paths(model: nn.Module) -> set[str]:
 
 
 def _experts(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
+    return first_int(text_config(model), "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
+                     minimum=2)
 
 
 def is_router(model: nn.Module, path: str, module: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftlab.core.config import HIDDEN, first_int, text_config
 from peftlab.core.errors import ConfigError, TargetError
 from peftlab.core.layer import AdapterLayer, adapter_layers
 from peftlab.core.method import Method, register
@@ -116,13 +117,7 @@ def _is_attention(module: nn.Module) -> bool:
 
 def hidden_size(model: nn.Module) -> int | None:
     """The model's hidden size from its (text) config."""
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in ("hidden_size", "n_embd", "d_model", "dim"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return first_int(text_config(model), *HIDDEN)
 
 
 def _holds_attention(module: nn.Module) -> bool:

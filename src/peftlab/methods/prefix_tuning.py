@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from peftlab.core import inputs
+from peftlab.core.config import HIDDEN, first_int, text_config
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import Method, register
 from peftlab.methods.prompt_tuning import FILE_KEY, adapter_dtype
@@ -56,16 +57,7 @@ class Layout:
 
 
 def _cfg(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def _first(cfg: Any, *keys: str) -> int | None:
-    for key in keys:
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    return text_config(model)
 
 
 def layout_from_config(model: nn.Module) -> Layout:
@@ -73,20 +65,20 @@ def layout_from_config(model: nn.Module) -> Layout:
     cfg = _cfg(model)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if seq2seq:
-        layers = _first(cfg, "num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers")
-        heads = _first(cfg, "decoder_attention_heads", "num_heads", "num_attention_heads")
+        layers = first_int(cfg, "num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers")
+        heads = first_int(cfg, "decoder_attention_heads", "num_heads", "num_attention_heads")
     else:
-        layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
-        heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
-    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+        layers = first_int(cfg, "num_hidden_layers", "n_layer", "num_layers")
+        heads = first_int(cfg, "num_attention_heads", "n_head", "num_heads")
+    hidden = first_int(cfg, *HIDDEN)
     if layers is None or heads is None or hidden is None:
         raise ConfigError(f"prefix_tuning: {type(model).__name__}'s config does not state its layers, attention "
                           "heads and hidden size under the usual names; register its layout: "
                           "peftlab.methods.prefix_tuning.LAYOUTS[model_type] = fn(model) -> Layout")
-    kv = _first(cfg, "num_key_value_heads", "num_kv_heads") or heads
+    kv = first_int(cfg, "num_key_value_heads", "num_kv_heads") or heads
     if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
         kv = 1
-    head_dim = _first(cfg, "head_dim", "d_kv") or hidden // heads
+    head_dim = first_int(cfg, "head_dim", "d_kv") or hidden // heads
     return Layout(seq2seq, layers, kv, head_dim)
 
 
