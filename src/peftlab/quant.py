@@ -15,9 +15,11 @@ Storage (Dettmers et al. 2023, QLoRA, https://arxiv.org/abs/2305.14314, Sec. 3):
 
 This layout is bitsandbytes' (``quantize_4bit(..., quant_type="nf4", compress_statistics=True)``):
 for the same weight the codes and constants are identical (``tests/test_qlora.py`` compares them
-when bitsandbytes is installed). With ``backend="bitsandbytes"`` the forward pass dequantizes
-with bitsandbytes' kernels (CPU or CUDA); ``"torch"`` is the pure-PyTorch path, which needs
-nothing beyond torch.
+when bitsandbytes is installed). Codes are always computed here in PyTorch; with
+``backend="bitsandbytes"`` (or ``"auto"`` where it imports) the forward pass dequantizes with
+bitsandbytes' kernels (CPU or CUDA) where a one-time probe finds them exact
+(:func:`bitsandbytes_dequantizes_exactly`, which also says why it is needed); ``"torch"`` is the
+pure-PyTorch path, which needs nothing beyond torch.
 
 A quantized layer is the user's own module with its class swapped (``NF4Linear`` is a subclass
 of ``nn.Linear``): its ``weight`` becomes a uint8 buffer of codes next to the constant buffers
@@ -32,6 +34,7 @@ relative quantization error): ``peftlab.summary`` and the memory estimator read 
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
@@ -103,26 +106,97 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
     return _CACHE[key]
 
 
-def quantize_blockwise(x: torch.Tensor, levels: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_ends(bits: int) -> torch.Tensor:
+    """(2**bits, 2) fp32: the smallest and largest float whose top ``bits`` bits are each prefix,
+    as a [low, high] pair; NaN and infinite patterns become +-inf by their sign bit."""
+    shift = 32 - bits
+    first = torch.arange(2**bits, dtype=torch.int64) << shift
+    ends = torch.stack((first, first | ((1 << shift) - 1)), dim=1)
+    negative = ends >= 2**31
+    ends = torch.where(negative, ends - 2**32, ends).to(torch.int32).view(torch.float32)
+    ends = torch.where(ends.isnan(), torch.where(negative, -math.inf, math.inf), ends)
+    return ends.sort(dim=1).values
+
+
+@dataclass(frozen=True)
+class NearestLevel:
+    """Rounding to the nearest of a sorted table of levels by two lookups instead of a search.
+
+    The top ``32 - shift`` bits of an fp32 value (sign, exponent, leading mantissa bits) cut the
+    floats into intervals; ``start[prefix]`` is the code of the interval's lowest value, and the
+    number of bits is chosen so that no interval holds more than one midpoint between levels. The
+    code of ``x`` is then ``start[prefix] + (x > bounds[start[prefix]])``: exactly
+    ``torch.bucketize(x, midpoints)`` (a value on a midpoint takes the lower level), in a few
+    elementwise passes instead of a binary search per value (the dynamic 8-bit map: 2^16 entries,
+    about 20x faster than ``bucketize`` on one CPU thread).
+    """
+
+    shift: int
+    start: torch.Tensor
+    """int32, one code per prefix."""
+    bounds: torch.Tensor
+    """fp32 midpoints between consecutive levels, then +inf."""
+
+    @classmethod
+    def build(cls, levels: torch.Tensor, max_bits: int = 20) -> NearestLevel:
+        levels = levels.detach().float().cpu()
+        mids = (levels[:-1] + levels[1:]) / 2
+        for bits in range(8, max_bits + 1):
+            ends = _prefix_ends(bits).clamp(float(levels[0]), float(levels[-1]))
+            low, high = (torch.bucketize(e.contiguous(), mids) for e in ends.unbind(1))
+            if int((high - low).max()) <= 1:
+                return cls(32 - bits, low.to(torch.int32), torch.cat((mids, torch.tensor([math.inf]))))
+        raise ConfigError(f"these levels lie too close together for a 2**{max_bits}-entry lookup; round with "
+                          "torch.bucketize on their midpoints instead")
+
+    def to(self, device: torch.device) -> NearestLevel:
+        return NearestLevel(self.shift, self.start.to(device), self.bounds.to(device))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of the fp32 tensor ``x`` (flattened)."""
+        flat = x.reshape(-1)
+        prefix = flat.view(torch.int32).bitwise_right_shift(self.shift).bitwise_and_((1 << (32 - self.shift)) - 1)
+        code = self.start.index_select(0, prefix)
+        code += flat > self.bounds.index_select(0, code)
+        return code.to(torch.uint8)
+
+
+_ROUNDERS: dict[tuple[str, str], NearestLevel] = {}
+
+
+def _rounder(levels: torch.Tensor | str, device: torch.device) -> NearestLevel:
+    """The :class:`NearestLevel` of a table kind (``nf4``, ``int8``, ``dynamic``, ``udynamic``) or of
+    an explicit table, cached per device."""
+    key = (levels if isinstance(levels, str) else levels.detach().float().cpu().numpy().tobytes().hex(), str(device))
+    if key not in _ROUNDERS:
+        table = _table(levels, torch.device("cpu")) if isinstance(levels, str) else levels
+        _ROUNDERS[key] = NearestLevel.build(table).to(device)
+    return _ROUNDERS[key]
+
+
+def quantize_blockwise(x: torch.Tensor, levels: torch.Tensor | str,
+                       blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round each block of ``blocksize`` values of ``x`` (flattened), scaled by its absmax, to the
-    nearest of ``levels``. Returns (uint8 code per value, fp32 absmax per block)."""
+    nearest of ``levels`` (a sorted table, or the name of one: ``nf4``, ``int8``, ``dynamic``,
+    ``udynamic``). Returns (uint8 code per value, fp32 absmax per block)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     blocks = max(1, math.ceil(n / blocksize))
-    padded = F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    absmax = padded.abs().amax(dim=1)
-    scaled = (padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
-    bounds = (levels[:-1] + levels[1:]) / 2
-    codes = torch.bucketize(scaled, bounds.to(scaled.device)).to(torch.uint8)
-    return codes, absmax
+    padded = (flat if n == blocks * blocksize else F.pad(flat, (0, blocks * blocksize - n))).view(blocks, blocksize)
+    low, high = torch.aminmax(padded, dim=1)
+    absmax = torch.maximum(high, low.neg())
+    scaled = (padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).reshape(-1)[:n]
+    return _rounder(levels, flat.device)(scaled), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, blocksize: int,
                          n: int) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise` (fp32, ``n`` values)."""
-    values = levels.to(codes.device)[codes.long()]
+    values = levels.to(codes.device).index_select(0, codes.reshape(-1).int())
     blocks = absmax.numel()
-    values = F.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize) * absmax.float().unsqueeze(1)
+    if n != blocks * blocksize:
+        values = F.pad(values, (0, blocks * blocksize - n))
+    values = values.view(blocks, blocksize) * absmax.float().unsqueeze(1)
     return values.reshape(-1)[:n]
 
 
@@ -165,8 +239,10 @@ class QuantConfig:
                               "`pip install bitsandbytes` or use backend='torch' (pure PyTorch, same codes)")
 
     def resolved_backend(self) -> str:
-        """The backend actually used: bitsandbytes serves NF4 with 64-value blocks (its kernels'
-        layout); everything else runs on the pure-PyTorch path."""
+        """The backend asked for, as far as the settings decide it: bitsandbytes serves NF4 (with
+        ``auto``, where it imports); everything else runs on the pure-PyTorch path. Per layer,
+        ``auto`` also needs whole blocks and an exact bitsandbytes kernel on the layer's device
+        (:func:`bitsandbytes_dequantizes_exactly`), else that layer dequantizes in PyTorch."""
         if self.backend == "torch" or self.kind != "nf4":
             return "torch"
         if self.backend == "auto" and not bitsandbytes_available():
@@ -174,13 +250,73 @@ class QuantConfig:
         return "bitsandbytes"
 
 
+_KERNELS_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+"""What bitsandbytes (0.49+) logs at import on AVX512-BF16 CPUs when the optional ``kernels``
+package is missing. That kernel serves only bitsandbytes' fused 4-bit CPU matmul, which peftlab
+never calls, so the note is dropped (that record only) while peftlab imports bitsandbytes."""
+
+
+class _DropKernelsNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_KERNELS_NOTE)
+                    and "No module named 'kernels'" in record.getMessage())
+
+
+_BNB: dict[str, Any] = {}
+
+
+def import_bitsandbytes() -> Any:
+    """``bitsandbytes``, imported once, or None where it does not import. The one place peftlab
+    imports it: the note about the missing optional ``kernels`` package is filtered here."""
+    if "module" not in _BNB:
+        note = _DropKernelsNote()
+        logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        logger.addFilter(note)
+        try:
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401
+        except Exception:  # noqa: BLE001 (a broken install raises anything; fall back to torch)
+            bitsandbytes = None
+        finally:
+            logger.removeFilter(note)
+        _BNB["module"] = bitsandbytes
+    return _BNB["module"]
+
+
 def bitsandbytes_available() -> bool:
     """Whether bitsandbytes imports (it runs NF4 on CPU and CUDA since 0.46)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 (a broken install raises anything; fall back to torch)
-        return False
-    return True
+    return import_bitsandbytes() is not None
+
+
+_EXACT: dict[tuple[str, int, torch.dtype], bool] = {}
+
+
+def bitsandbytes_dequantizes_exactly(device: torch.device, blocksize: int,
+                                     dtype: torch.dtype = torch.float32) -> bool:
+    """Whether bitsandbytes' NF4 dequantization on ``device`` gives exactly the pure-PyTorch
+    ``level[code] * absmax`` (rounded once to ``dtype``) on a 3-block probe, called the way peftlab
+    calls it. Checked once per device type, block size and dtype (a few microseconds).
+
+    Why: bitsandbytes 0.50's CPU kernel, on its vectorized path (row length a multiple of 32),
+    reads the absmax of row ``r``, column ``c`` at block ``r * (cols // blocksize) + c //
+    blocksize``: the flattened weight's block only when the row length is a multiple of
+    ``blocksize`` (a 64 x 96 weight: 88% of the values scaled by another block's absmax).
+    The codes are blocked over the flattened weight, so peftlab hands the kernel rows of exactly
+    one block; this probe checks that the installed kernel is then exact.
+    """
+    key = (torch.device(device).type, blocksize, dtype)
+    if key not in _EXACT:
+        g = torch.Generator().manual_seed(0)
+        n = 3 * blocksize
+        codes = torch.randint(0, 16, (n,), generator=g, dtype=torch.uint8)
+        absmax = torch.rand(3, generator=g) + 0.5
+        want = dequantize_blockwise(codes, absmax, codebook("nf4"), blocksize, n).to(dtype)
+        try:
+            got = _bnb_dequantize_4bit(pack_nibbles(codes).to(device), absmax.to(device), blocksize, n, dtype)
+            _EXACT[key] = bool(torch.equal(got.cpu(), want))
+        except Exception:  # noqa: BLE001 (no kernel for this device or dtype: not usable)
+            _EXACT[key] = False
+    return _EXACT[key]
 
 
 @dataclass(frozen=True)
@@ -350,14 +486,11 @@ def _quantize(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch
         else:
             absmax = torch.empty(blocks, device="meta")
         return codes, absmax, extra, float("nan")
-    if config.resolved_backend() == "bitsandbytes":
-        codes, absmax = _bnb_quantize_4bit(w, config.blocksize)
-    else:
-        codes, absmax = quantize_blockwise(w, _table(config.kind, w.device), config.blocksize)
+    codes, absmax = quantize_blockwise(w, config.kind, config.blocksize)  # bitsandbytes' codes, byte for byte
     extra: dict[str, torch.Tensor] = {}
     if config.double_quant:
         offset = absmax.mean()
-        absmax, scale = quantize_blockwise(absmax - offset, _table("dynamic", w.device), DQ_BLOCKSIZE)
+        absmax, scale = quantize_blockwise(absmax - offset, "dynamic", DQ_BLOCKSIZE)
         extra = {"weight_absmax_scale": scale, "weight_absmax_offset": offset.reshape(1)}
     if config.kind == "nf4":
         codes = pack_nibbles(codes)
@@ -385,27 +518,38 @@ def _dequantize(layer: QuantizedModule, dtype: torch.dtype) -> torch.Tensor:
     blocks = max(1, math.ceil(n / c.blocksize))
     extra = {k: getattr(layer, k) for k in ("weight_absmax_scale", "weight_absmax_offset") if hasattr(layer, k)}
     absmax = _absmax(layer.weight_absmax, extra, blocks)
-    if c.resolved_backend() == "bitsandbytes" and layer.weight.device.type != "meta":
-        return _bnb_dequantize_4bit(layer.weight, absmax, c.blocksize, shape, dtype)
+    if _dequantizes_with_bitsandbytes(c, layer.weight.device, n, dtype):
+        return _bnb_dequantize_4bit(layer.weight, absmax, c.blocksize, n, dtype).view(shape)
     raw = unpack_nibbles(layer.weight, n) if c.kind == "nf4" else layer.weight
     return dequantize_blockwise(raw, absmax, _table(c.kind, raw.device), c.blocksize, n).view(shape).to(dtype)
 
 
-def _bnb_quantize_4bit(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import bitsandbytes.functional as bnbf
+def _dequantizes_with_bitsandbytes(c: QuantConfig, device: torch.device, n: int, dtype: torch.dtype) -> bool:
+    """bitsandbytes serves whole NF4 blocks on devices where its kernel is exact; a weight with a
+    short last block dequantizes in PyTorch. ``backend='bitsandbytes'`` on an inexact kernel is an
+    error rather than a silently wrong weight."""
+    if c.resolved_backend() != "bitsandbytes" or device.type == "meta" or n % c.blocksize:
+        return False
+    if bitsandbytes_dequantizes_exactly(device, c.blocksize, dtype):
+        return True
+    if c.backend == "bitsandbytes":
+        raise ConfigError(f"bitsandbytes {getattr(import_bitsandbytes(), '__version__', '?')} does not dequantize "
+                          f"NF4 exactly on {device.type} with blocksize={c.blocksize} in {dtype} (probe in "
+                          "peftlab.quant.bitsandbytes_dequantizes_exactly); use backend='auto' or 'torch' (same "
+                          "codes, exact)")
+    return False
 
-    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type="nf4")
-    n = w.numel()
-    return unpack_nibbles(packed.reshape(-1), n), state.absmax.float()
 
-
-def _bnb_dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: tuple[int, ...],
+def _bnb_dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, n: int,
                          dtype: torch.dtype) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
-
-    state = bnbf.QuantState(absmax=absmax.contiguous(), shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                            code=bnbf.get_4bit_type("nf4", device=packed.device), quant_type="nf4")
-    return bnbf.dequantize_4bit(packed.reshape(-1, 1), state)
+    """bitsandbytes' NF4 dequantization of ``n`` values (``n`` a multiple of ``blocksize``), given
+    as rows of one block each: its CPU kernel blocks each row on its own, and a row of exactly one
+    block is the same block as in the flattened layout. Returns ``n`` values, flat."""
+    bnbf = import_bitsandbytes().functional
+    state = bnbf.QuantState(absmax=absmax.float().contiguous(), shape=torch.Size((n // blocksize, blocksize)),
+                            dtype=dtype, blocksize=blocksize, code=bnbf.get_4bit_type("nf4", device=packed.device),
+                            quant_type="nf4")
+    return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).reshape(-1)
 
 
 # ------------------------------------------------------------------------------ model level

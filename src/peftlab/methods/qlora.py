@@ -80,11 +80,13 @@ class QLoRA(LoRA):
     """Dtype of the dequantized weights, the matmuls and the adapters: ``auto`` (the base
     weights' dtype), ``bf16`` (the paper's), ``fp16``, ``fp32``."""
     backend: str = "auto"
-    """``auto``: bitsandbytes' kernels where it installs, else pure PyTorch (same codes)."""
+    """``auto``: bitsandbytes' dequantization where it imports and is exact on the device (checked
+    once, ``peftlab.quant.bitsandbytes_dequantizes_exactly``), else pure PyTorch (same codes)."""
     quantize_also: tuple[str, ...] = ()
     """More modules to quantize without adapters (target entries), e.g. ``("all-linear",)``."""
     optimizer: str = "adamw"
-    """What the lab trains with: ``adamw``, ``adamw8bit`` (peftlab's, any device) or
+    """What the lab trains with: ``adamw``, ``adamw8bit`` (``peftlab.optim.make_adamw8bit``:
+    bitsandbytes' where it works on the device, CPU included, else peftlab's, any device) or
     ``paged_adamw8bit`` (bitsandbytes, CUDA only)."""
 
     mergeable: ClassVar[bool] = False
@@ -170,7 +172,7 @@ class QLoRA(LoRA):
         """None for plain AdamW (the trainer's default), else the chosen 8-bit AdamW."""
         if self.optimizer == "adamw":
             return None
-        from peftlab.optim import AdamW8bit, paged_adamw8bit
+        from peftlab.optim import make_adamw8bit, paged_adamw8bit
 
         from torch.distributed.tensor import DTensor
 
@@ -180,7 +182,7 @@ class QLoRA(LoRA):
                               "optimizer='adamw' with --strategy fsdp, or --strategy ddp")
         if self.optimizer == "paged_adamw8bit":
             return paged_adamw8bit(params, lr=lr, weight_decay=weight_decay)
-        return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return make_adamw8bit(params, lr=lr, weight_decay=weight_decay)
 
     # ------------------------------------------------------------------------------- config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
