@@ -24,10 +24,9 @@ Example:
 
 from __future__ import annotations
 
-import csv
+import decimal
 import difflib
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +38,9 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.lab import data, metrics
-from peftlab.lab.data import Example, Pair
+from peftlab.lab.data import DEFAULT_ENCODING, DataFileError, Example, Pair
 
-__all__ = ["ChatTask", "FileTask", "Task", "TweetsTask", "get_task", "task_names"]
+__all__ = ["ChatTask", "DataFileError", "FileTask", "Task", "TweetsTask", "get_task", "task_names"]
 
 IGNORE_INDEX = -100
 """Label of a token that takes no part in the loss (prompt and padding): PyTorch's default."""
@@ -169,7 +168,6 @@ class ChatTask(Task):
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                   "val": "validation", "dev": "validation", "test": "test"}
-_FILE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 
 
 class FileTask(Task):
@@ -179,63 +177,87 @@ class FileTask(Task):
     order of the labels seen in the training split); ``prompt`` and ``response`` make a causal-LM
     task. An optional ``split`` column (``train``, ``validation``/``val``/``dev``, ``test``) fixes
     the split; without it the rows are split 90/10 into train and validation by a hash of the
-    text or prompt (so ``examples("test")`` is empty). The file is read and checked once, here.
+    text or prompt (so ``examples("test")`` is empty). Other columns are ignored. The file is read
+    and checked once, here (see :func:`peftlab.lab.data.read_records`): texts are kept as written
+    but for surrounding whitespace.
+
+    Labels are normalised so that a class has one name (:func:`peftlab.lab.data.label_value`):
+    ``1``, ``1.0`` and ``"1"`` are the class ``"1"``. Number labels sort numerically, names
+    alphabetically. A file whose labels mix numbers and names (``"1"`` and ``"one"``) is
+    refused: that is the mark of shifted columns or of two spellings of the classes, and no rule
+    can tell which number a name means.
+
+    Args:
+        path: The ``.csv``, ``.jsonl`` or ``.ndjson`` file.
+        encoding: The file's text encoding, any Python codec name (default UTF-8, with or
+            without a byte-order mark); e.g. ``"cp1252"`` for a file saved by Excel on Windows.
 
     Raises:
-        ConfigError: The file is missing, empty, of another format, lacks a column, has an empty
-            value, an unknown split or, in validation or test, a label not seen in training; the
-            message names the file and the column or row.
+        DataFileError: (a :class:`~peftlab.core.errors.ConfigError`) The file is missing, empty,
+            of another format, not valid in its encoding, not valid CSV/JSONL, has a row with the
+            wrong number of fields, lacks a column, has an empty value or a missing label (empty,
+            null, NaN), labels that mix numbers and names, an unknown split or, in validation or
+            test, a label not seen in training; the message names the file and the column or row.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, encoding: str = DEFAULT_ENCODING) -> None:
         self.path = Path(path)
         self.name = self.path.stem
-        rows, columns = _read_rows(self.path)
+        self.encoding = encoding
+        records, columns = data.read_records(self.path, encoding)
         self.kind = _file_kind(self.path, columns)
         if self.kind == CLASSIFICATION:
             self.default_model, self.metric = "minilm", "accuracy"
-            fields = ("text", "label")
         else:
             self.default_model, self.metric = "smollm2-135m", "rouge_l"
-            fields = ("prompt", "response")
         has_split = "split" in columns
-        parsed: dict[str, list[tuple[str, Any, str]]] = {s: [] for s in SPLITS}
-        for where, row in rows:
-            values = []
-            for column in fields:
-                value = row.get(column)
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    raise ConfigError(f"{self.path}: {where} has an empty {column!r}; fill it in or delete the row")
-                values.append(value.strip() if isinstance(value, str) else value)
-            split = _row_split(self.path, where, row.get("split")) if has_split else _file_split(str(values[0]))
-            parsed[split].append((str(values[0]), values[1], where))
+        parsed: dict[str, list[tuple[str, str, data.Record]]] = {s: [] for s in SPLITS}
+        kinds: dict[bool, data.Record] = {}  # is a number -> the first record with such a label
+        for record in records:
+            if self.kind == CLASSIFICATION:
+                first = data.text_value(self.path, record, "text")
+                second, is_number = data.label_value(self.path, record, "label")
+                kinds.setdefault(is_number, record)
+            else:
+                first = data.text_value(self.path, record, "prompt")
+                second = data.text_value(self.path, record, "response")
+            split = _row_split(self.path, record.where, record.values.get("split")) if has_split else _file_split(first)
+            parsed[split].append((first, second, record))
+        if len(kinds) == 2:
+            number, name = kinds[True], kinds[False]
+            raise DataFileError(
+                f"{self.path}: the labels mix numbers and names: {number.where} has "
+                f"{number.values['label']!r}, {name.where} has {name.values['label']!r}. Use one kind for every "
+                "row; if some rows have words as labels, check that their text is quoted (a comma in an unquoted "
+                "text shifts the columns)")
         if not parsed["train"]:
-            raise ConfigError(f"{self.path}: no training rows; "
-                              + ("give some rows split 'train'" if has_split else "add rows"))
+            raise DataFileError(f"{self.path}: no training rows; "
+                                + ("give some rows split 'train'" if has_split else "add rows"))
         if not parsed["validation"]:
             hint = ("give some rows split 'validation'" if has_split else
-                    f"the 90/10 split put all {len(rows)} rows into train: add rows, or add a 'split' column "
+                    f"the 90/10 split put all {len(records)} rows into train: add rows, or add a 'split' column "
                     "with some 'validation' rows")
-            raise ConfigError(f"{self.path}: no validation rows; {hint}")
+            raise DataFileError(f"{self.path}: no validation rows; {hint}")
         self._examples: dict[str, list] = {}
         if self.kind == CLASSIFICATION:
-            self.labels = _sorted_labels(str(v[1]) for v in parsed["train"])
+            self.labels = _sorted_labels({label for _, label, _ in parsed["train"]}, numbers=True in kinds)
             if len(self.labels) < 2:
-                raise ConfigError(f"{self.path}: the training rows have only the label {self.labels[0]!r}; "
-                                  "a classifier needs at least 2 labels")
+                raise DataFileError(f"{self.path}: the training rows have only the label {self.labels[0]!r}; "
+                                    "a classifier needs at least 2 labels")
             self.num_labels = len(self.labels)
             ids = {label: i for i, label in enumerate(self.labels)}
             for split, items in parsed.items():
                 out = []
-                for text, label, where in items:
-                    if str(label) not in ids:
-                        raise ConfigError(f"{self.path}: {where} ({split}) has label {str(label)!r}, which no training "
-                                          f"row has (training labels: {', '.join(self.labels)}); fix the label "
-                                          "or add training rows with it")
-                    out.append(Example(text, ids[str(label)]))
+                for text, label, record in items:
+                    if label not in ids:
+                        raise DataFileError(
+                            f"{self.path}: {record.where} ({split}) has label {label!r}, which no training row has "
+                            f"(training labels: {', '.join(self.labels)}); fix the label or add training rows "
+                            "with it")
+                    out.append(Example(text, ids[label]))
                 self._examples[split] = out
         else:
-            self._examples = {s: [Pair(p, str(r)) for p, r, _ in items] for s, items in parsed.items()}
+            self._examples = {s: [Pair(p, r) for p, r, _ in items] for s, items in parsed.items()}
 
     def examples(self, split: str) -> list:
         _check_split(split)
@@ -245,63 +267,26 @@ class FileTask(Task):
         return f"FileTask(path={str(self.path)!r}, kind={self.kind!r})"
 
 
-def _read_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], set[str]]:
-    """``[(where, row)]`` and the column names of a CSV or JSONL file; ``where`` names the row."""
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; pass the path of a .csv or .jsonl file")
-    suffix = path.suffix.lower()
-    if suffix not in _FILE_SUFFIXES:
-        raise ConfigError(f"data file {path} must be .csv or .jsonl (one JSON object per line), "
-                          f"not {suffix or 'no suffix'!r}")
-    rows: list[tuple[str, dict[str, Any]]] = []
-    columns: set[str] = set()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise ConfigError(f"data file {path} is empty; it needs a header line (text,label or prompt,response)")
-            reader.fieldnames = [c.strip() for c in reader.fieldnames]
-            columns = set(reader.fieldnames)
-            for n, row in enumerate(reader, start=1):
-                rows.append((f"row {n} (line {reader.line_num})", row))
-    else:
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}: line {line_no} is not valid JSON ({e.msg}); "
-                                      "a .jsonl file holds one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object "
-                                      'like {"text": ..., "label": ...}')
-                row = {str(k).strip(): v for k, v in row.items()}
-                columns |= set(row)
-                rows.append((f"row {len(rows) + 1} (line {line_no})", row))
-    if not rows:
-        raise ConfigError(f"data file {path} has no rows")
-    return rows, columns
-
-
-def _file_kind(path: Path, columns: set[str]) -> str:
+def _file_kind(path: Path, columns: Sequence[str]) -> str:
     """Which task a file describes, from its columns; a missing column is an error naming it."""
+    found = ", ".join(sorted(columns)) or "none"
     for kind, needed in ((CLASSIFICATION, ("text", "label")), (CAUSAL_LM, ("prompt", "response"))):
         if any(c in columns for c in needed):
             missing = [c for c in needed if c not in columns]
             if missing:
-                raise ConfigError(f"{path}: missing column {missing[0]!r} (a {kind} file needs columns "
-                                  f"{' and '.join(needed)}; found: {', '.join(sorted(columns))})")
+                raise DataFileError(f"{path}: missing column {missing[0]!r} (a {kind} file needs columns "
+                                    f"{' and '.join(needed)}; found: {found})")
             return kind
-    raise ConfigError(f"{path}: missing columns: give 'text' and 'label' (classification) or 'prompt' and "
-                      f"'response' (causal LM); found: {', '.join(sorted(columns)) or 'none'}")
+    separator = next((s for s in (";", "\t", "|") if any(s in c for c in columns)), None)
+    hint = (f" (the header looks {separator!r}-separated: peftlab reads comma-separated CSV)" if separator else "")
+    raise DataFileError(f"{path}: missing columns: give 'text' and 'label' (classification) or 'prompt' and "
+                        f"'response' (causal LM); found: {found}{hint}")
 
 
 def _row_split(path: Path, where: str, value: Any) -> str:
-    split = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
+    split = _SPLIT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
     if split is None:
-        raise ConfigError(f"{path}: {where} has split {value!r}; use train, validation (or val, dev) or test")
+        raise DataFileError(f"{path}: {where} has split {value!r}; use train, validation (or val, dev) or test")
     return split
 
 
@@ -311,12 +296,9 @@ def _file_split(text: str) -> str:
     return "train" if bucket < 90 else "validation"
 
 
-def _sorted_labels(values: Any) -> tuple[str, ...]:
-    unique = set(values)
-    try:
-        return tuple(sorted(unique, key=lambda v: (float(v), v)))
-    except ValueError:
-        return tuple(sorted(unique))
+def _sorted_labels(labels: set[str], *, numbers: bool) -> tuple[str, ...]:
+    """Canonical labels in class-id order: numbers by value (exactly), names alphabetically."""
+    return tuple(sorted(labels, key=decimal.Decimal) if numbers else sorted(labels))
 
 
 # --------------------------------------------------------------------------- registry
@@ -329,12 +311,13 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def get_task(name: str | None, data: str | Path | None = None) -> Task:
+def get_task(name: str | None, data: str | Path | None = None, *, encoding: str = DEFAULT_ENCODING) -> Task:
     """A task by name, or the user's own file.
 
     Args:
         name: One of :func:`task_names`; with ``data``, ``"file"``, the file's stem or ``None``.
         data: Path of a CSV or JSONL file (see :class:`FileTask`).
+        encoding: The text encoding of ``data`` (any Python codec name; default UTF-8).
 
     Raises:
         ConfigError: Unknown task (the message lists the known ones), a built-in task name
@@ -344,7 +327,7 @@ def get_task(name: str | None, data: str | Path | None = None) -> Task:
         if name in TASKS:
             raise ConfigError(f"task {name!r} is built in and reads no data file; leave out the task name "
                               "(or use 'file') to train on your own file")
-        return FileTask(data)
+        return FileTask(data, encoding)
     if name in TASKS:
         return TASKS[name]()
     close = difflib.get_close_matches(str(name), task_names(), n=1)
