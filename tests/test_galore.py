@@ -48,7 +48,9 @@ def test_full_rank_identity_projector_equals_adamw(shape, monkeypatch):
     gs = grads(shape, 6)
     for x, y in zip(run(ref, a, gs), run(opt, b, gs)):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
-    assert opt.state[b]["exp_avg"].shape == (min(shape), max(shape)) if shape[0] <= shape[1] else shape
+    state, r = opt.state[b], min(shape)
+    assert state["right"] is (shape[0] > shape[1])  # the shorter side is projected
+    assert state["exp_avg"].shape == ((shape[0], r) if state["right"] else (r, shape[1]))
 
 
 def test_untargeted_parameters_get_plain_adamw():
@@ -81,8 +83,11 @@ def test_projector_is_top_r_singular_subspace_and_update_lies_in_it(shape):
     delta = p.detach()
     residual = delta - (delta @ proj @ proj.T if right else proj @ proj.T @ delta)
     assert residual.abs().max() < 1e-6 and delta.abs().max() > 1e-3  # a rank-r update in that subspace
-    # first Adam step: lr * scale * sign-like direction in r-space
-    torch.testing.assert_close((low.abs() / (low.abs() + 1e-8)).max(), torch.tensor(1.0), rtol=1e-6, atol=0)
+    # the first Adam step: m_hat = R, v_hat = R^2, so the r-space direction is R / (|R| + eps), projected
+    # back, times lr (0.1) and scale (0.5), from zero weights
+    direction = low / (low.abs() + 1e-8)
+    expected = -0.1 * 0.5 * (direction @ proj.T if right else proj @ direction)
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_projector_refreshes_every_gap_steps_and_moments_stay_in_r_space():
@@ -126,6 +131,67 @@ def test_weight_decay_is_decoupled_and_scale_multiplies_the_update():
 
     torch.testing.assert_close(delta(2.0, 0.0), 2 * delta(1.0, 0.0), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(delta(1.0, 0.5) - delta(1.0, 0.0), torch.full((4, 8), -0.05), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- galore-torch as the oracle
+def _galore_torch(param: nn.Parameter, *, proj_type: str, **hyper: float) -> torch.optim.Optimizer:
+    """The GaLore authors' optimizer (galore-torch) on one projected weight."""
+    reference = pytest.importorskip("galore_torch")
+    return reference.GaLoreAdamW([{"params": [param], "rank": 3, "update_proj_gap": 4, "scale": 0.5,
+                                   "proj_type": proj_type}], no_deprecation_warning=True, **hyper)
+
+
+# galore-torch's "std" projects the left side when m < n and the right side when m >= n; peftlab
+# projects the left side when m <= n (the paper's Algorithm 2 assumes m <= n). They agree on every
+# non-square shape; a square weight is compared with galore-torch's explicit "left".
+@pytest.mark.parametrize(("shape", "proj_type"), [((8, 20), "std"), ((20, 8), "std"), ((12, 12), "left"),
+                                                   ((8, 20), "left"), ((20, 8), "right")])
+def test_matches_galore_torch_without_weight_decay(shape, proj_type):
+    """12 steps, rank 3, a projector refresh every 4 steps (at steps 1, 5, 9), scale 0.5.
+
+    The two differ only in rounding and in where eps sits: galore-torch divides by
+    ``sqrt(v) + eps`` and folds the bias corrections into the step size, i.e. it uses
+    ``eps / sqrt(1 - beta2^t)`` against peftlab's (torch.optim.AdamW's) ``eps``; with eps = 1e-8
+    and projected gradients of order 1 that moves the direction by < 1e-6 relative. The tolerance,
+    1e-6 on weights of order 1 (ulp(2) = 2.4e-7), allows a few ulps of fp32 rounding; the
+    weights move by ~2.5e-2, so a wrong projector, side, scale, bias correction or refresh step
+    shows as a difference of order 1e-3 or more.
+    """
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    reference = _galore_torch(a, proj_type=proj_type, lr=1e-2, eps=1e-8, weight_decay=0.0)
+    opt = GaLoreAdamW([{"params": [b], "galore": True}], lr=1e-2, eps=1e-8, rank=3, update_proj_gap=4, scale=0.5)
+    for g in grads(shape, 12, seed=4):
+        a.grad, b.grad = g.clone(), g.clone()
+        reference.step()
+        opt.step()
+    assert (b.detach() - w0).abs().max() > 1e-2  # it moved far more than the tolerance
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
+
+
+def test_matches_galore_torch_with_weight_decay_up_to_its_order():
+    """galore-torch decays after the update (``W = (W - u)(1 - lr wd)``), peftlab before it
+    (``W = W (1 - lr wd) - u``, as torch.optim.AdamW). The gap that opens in one step is
+    ``lr wd |u|``, and an old gap shrinks by ``1 - lr wd``, so after N steps the weights differ by
+    at most the sum of ``lr wd max|u_t|`` over the steps (plus rounding), which is what is checked;
+    without decay they agree to rounding (above)."""
+    shape, lr, wd = (8, 20), 1e-2, 0.1
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    reference = _galore_torch(a, proj_type="std", lr=lr, eps=1e-8, weight_decay=wd)
+    opt = GaLoreAdamW([{"params": [b], "galore": True}], lr=lr, eps=1e-8, weight_decay=wd, rank=3,
+                      update_proj_gap=4, scale=0.5)
+    bound = 0.0
+    for g in grads(shape, 12, seed=4):
+        a.grad, b.grad = g.clone(), g.clone()
+        before = b.detach().clone()
+        reference.step()
+        opt.step()
+        bound += lr * wd * float((b.detach() - before * (1 - lr * wd)).abs().max())  # lr wd |u_t|
+    gap = float((a.detach() - b.detach()).abs().max())
+    assert 0.2 * bound < gap <= bound + 1e-6, (gap, bound)  # the decay order explains the whole gap
 
 
 # ----------------------------------------------------------------------------- 8-bit moments

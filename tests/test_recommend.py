@@ -34,7 +34,12 @@ def test_measured_scores_rank_and_are_relative_to_full(tmp_path):
     assert by["bitfit"].expected == pytest.approx(0.70 / 0.80)
     assert by["lora"].evidence == "measured (1 seed)"
     assert all(p.fits is None for p in picks)  # no budget: memory shown, not enforced
-    assert all(p.memory_bytes and p.memory_bytes > 0 for p in picks)
+    from peftlab.estimate import estimate
+
+    for p in picks:  # the memory shown is the estimator's total at the need's batch (8) and sequence (512)
+        assert p.memory_bytes == estimate("minilm", p.method, batch=8, seq=512).total, p.method
+        assert p.trainable_percent == pytest.approx(100 * estimate("minilm", p.method).params["trainable"]
+                                                    / estimate("minilm", "full").params["trainable"], rel=1e-12)
 
 
 def test_rows_of_another_model_are_not_evidence(tmp_path):

@@ -4,7 +4,11 @@
   ``f1_score(average="macro")``: the unweighted mean of per-class F1 over the classes that occur
   in the references or the predictions, unless the classes are given).
 * :func:`rouge_l` for generated text: ROUGE-L F1 (Lin, 2004) from the longest common
-  subsequence of lower-cased word tokens (:func:`word_tokens`).
+  subsequence of lower-cased word tokens (:func:`word_tokens`). It equals the ``rouge_score``
+  package's ``rougeL`` F-measure (no stemmer) on ASCII text without ``_``; elsewhere the tokens
+  differ by design: ``rouge_score`` keeps only ``[a-z0-9]`` (``"café"`` -> ``"caf"``, Japanese
+  text -> no tokens), peftlab keeps every unicode letter and digit and ``_``
+  (``tests/test_metrics.py`` checks both).
 * :func:`perplexity`: ``exp(loss)`` that saturates to ``inf`` instead of overflowing.
 """
 
