@@ -148,7 +148,8 @@ def test_optimizers_order_and_8bit_constants() -> None:
     assert opt["sgd"] == 0
     assert opt["sgd-momentum"] == 4 * n
     assert opt["adamw"] == 8 * n
-    assert 2 * n < opt["adamw8bit"] < 2.1 * n  # 1-byte moments + an fp32 constant per 2048 (+ small tensors in fp32)
+    # 1-byte moments + one fp32 constant per 256 values each (2 x 4/256 = 0.031 n), small tensors in fp32
+    assert 2.03 * n < opt["adamw8bit"] < 2.1 * n
     assert opt["adafactor"] < opt["sgd-momentum"] and opt["galore"] < opt["adamw"]
 
 

@@ -32,6 +32,7 @@ from peftlab.core.errors import (
     AdapterFileError,
     AdapterStateError,
     ConfigError,
+    NonFiniteError,
     PeftlabError,
     TargetError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterStateError",
     "ConfigError",
+    "NonFiniteError",
     "Method",
     "PeftlabError",
     "Summary",

@@ -68,8 +68,9 @@ peak RSS over the loaded model minus the modelled tensors when training the 2-la
 ``tiny-bert`` (activations of a few MiB) with full fine-tuning, BitFit and LoRA, on a two-core
 Linux machine with torch 2.13 (``benchmarks/estimate_vs_measured.py --models tiny-bert``); it
 was 16 MiB in all three."""
-BNB_BLOCK = 2048
-"""Block size of the 8-bit optimizer states' quantization constants (Dettmers et al. 2022)."""
+BNB_BLOCK = 256
+"""Values per fp32 quantization constant of bitsandbytes' 8-bit optimizer states (its optimizers
+quantize moments in blocks of 256; peftlab's AdamW8bit uses the same by default)."""
 BNB_MIN_SIZE = 4096
 """bitsandbytes keeps the states of tensors with fewer elements in fp32 (``min_8bit_size``)."""
 

@@ -181,11 +181,13 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, like: torch.
 
 
 def _bnb() -> Any:
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
+    from peftlab.quant import import_bitsandbytes  # the one place bitsandbytes is imported
+
+    if import_bitsandbytes() is None:
         raise ConfigError("quantizer='bitsandbytes' needs bitsandbytes (pip install bitsandbytes); "
-                          "quantizer='blockwise' is peftlab's own 8-bit path and needs nothing") from None
+                          "quantizer='blockwise' is peftlab's own 8-bit path and needs nothing")
+    import bitsandbytes.functional as bnbf
+
     return bnbf
 
 
