@@ -60,6 +60,8 @@ class BenchConfig:
     model: str | None = None
     task: str = "tweets"
     data: str | None = None
+    encoding: str = "utf-8"
+    """Text encoding of ``data``."""
     methods: list[str] | None = None
     profile: str = "default"
     vs_peft: bool = False
@@ -72,7 +74,8 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- planning
-def applicable_methods(task_name: str, model_name: str, data: str | None = None) -> dict[str, str | None]:
+def applicable_methods(task_name: str, model_name: str, data: str | None = None,
+                       encoding: str = "utf-8") -> dict[str, str | None]:
     """Every registered method and whether it applies: ``{name: None | reason it does not}``.
 
     Applicability is found by attaching each method to the model on the meta device, so a method
@@ -84,7 +87,7 @@ def applicable_methods(task_name: str, model_name: str, data: str | None = None)
     from peftlab import models
     from peftlab.lab.tasks import get_task
 
-    task = get_task(task_name, data)
+    task = get_task(task_name, data, encoding=encoding)
     out: dict[str, str | None] = {FULL: None}
     for name in peftlab.methods():
         with torch.device("meta"):
@@ -146,7 +149,7 @@ def _prepare(spec: dict[str, Any]):
     from peftlab import models
     from peftlab.lab.tasks import get_task
 
-    task = get_task(spec["task"], spec.get("data"))
+    task = get_task(spec["task"], spec.get("data"), encoding=spec.get("encoding", "utf-8"))
     torch.manual_seed(spec["seed"])
     model, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
     base_params = sum(t.numel() for t in model.parameters())
@@ -236,7 +239,7 @@ def infer_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from peftlab.lab.tasks import get_task
 
     p = Profile(**{**spec["profile"], "seeds": tuple(spec["profile"]["seeds"])})
-    task = get_task(spec["task"], spec.get("data"))
+    task = get_task(spec["task"], spec.get("data"), encoding=spec.get("encoding", "utf-8"))
     ckpt = Path(spec["out_dir"]) / "adapter"
     torch.manual_seed(spec["seed"])
     if spec["method"] == FULL:
@@ -331,7 +334,7 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
         profile = dataclasses.replace(profile, **changes)
         if profile.steps < 1 or profile.batch_size < 1 or profile.max_length < 2 or not profile.seeds:
             raise peftlab.ConfigError(f"profile overrides give an empty budget: {dataclasses.asdict(profile)}")
-    task = get_task(config.task, config.data)
+    task = get_task(config.task, config.data, encoding=config.encoding)
     model_name = config.model or task.default_model
     if model_name not in models.names():
         raise peftlab.ConfigError(f"unknown model {model_name!r}; known: {models.names()}")
@@ -346,7 +349,7 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    known = applicable_methods(config.task, model_name, config.data)
+    known = applicable_methods(config.task, model_name, config.data, config.encoding)
     wanted = config.methods or list(known)
     unknown = [m for m in wanted if m not in known]
     if unknown:
@@ -373,7 +376,8 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
                 if (method, impl, seed) in done:
                     continue
                 out_dir = run_dir / f"{method}-{impl}-seed{seed}"
-                spec = {"model": model_name, "task": config.task, "data": config.data, "method": method,
+                spec = {"model": model_name, "task": config.task, "data": config.data,
+                        "encoding": config.encoding, "method": method,
                         "impl": impl, "seed": seed, "lr": learning_rate(method), "out_dir": str(out_dir),
                         "profile": dataclasses.asdict(profile),
                         "options": {} if method == FULL else default_options(

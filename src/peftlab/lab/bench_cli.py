@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="embedded model name (default: the task's default model)")
     p.add_argument("--task", default="tweets", help="tweets | chat | a name for --data")
     p.add_argument("--data", help="your own CSV/JSONL (text,label or prompt,response columns)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (e.g. cp1252, latin-1)")
     p.add_argument("--methods", nargs="*", help="methods to compare (default: every applicable one; full is "
                                                 "always added as the reference)")
     p.add_argument("--profile", default="default", help="default | full (3 seeds, more data) | smoke")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
     if args.overwrite:
         check_overwrite(run_dir)
-    bench(BenchConfig(model=args.model, task=args.task, data=args.data, methods=args.methods,
+    bench(BenchConfig(model=args.model, task=args.task, data=args.data, encoding=args.encoding,
+                      methods=args.methods,
                       profile=args.profile, vs_peft=args.vs == "peft", run_dir=run_dir, resume=args.resume,
                       overwrite=args.overwrite, options=json.loads(args.options),
                       overrides=overrides))

@@ -210,8 +210,9 @@ def _decode(path: Path, encoding: str) -> str:
         line = _line_count(raw[:e.start].decode(codec, errors="replace")) + 1
         raise DataFileError(
             f"{path}: line {line} is not valid {encoding} (byte 0x{raw[e.start]:02x} at offset {e.start}: "
-            f"{e.reason}); pass the file's real encoding with the encoding option (FileTask(path, "
-            "encoding='cp1252'), get_task(..., encoding='latin-1')), or save the file as UTF-8") from None
+            f"{e.reason}); pass the file's real encoding with --encoding (peftlab train/bench --encoding cp1252; "
+            "in Python FileTask(path, encoding='cp1252') or get_task(..., encoding='latin-1')), or save the file "
+            "as UTF-8") from None
 
 
 def _line_count(text: str) -> int:

@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--task", help=f"built-in task: {', '.join(task_names())} (or use --data)")
     what.add_argument("--data", metavar="FILE", help="your own .csv or .jsonl: columns text,label (classification) "
                       "or prompt,response (causal LM), optionally split")
+    what.add_argument("--encoding", default="utf-8", help="text encoding of --data (e.g. cp1252, latin-1)")
     what.add_argument("--model", help="embedded model name (default: the task's default model)")
     what.add_argument("--method", default="lora", help=f"a registered method or '{FULL}' (default: lora)")
     what.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -252,7 +253,7 @@ def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
 
     if not args.task and not args.data:
         raise ConfigError(f"say what to train on: --task ({', '.join(task_names())}) or --data FILE")
-    task = get_task(args.task, args.data)
+    task = get_task(args.task, args.data, encoding=args.encoding)
     model_name = args.model or task.default_model
     _model_kind_check(task, model_name)
     if args.method != FULL:
