@@ -279,7 +279,7 @@ def test_malformed_configs_name_the_file_and_the_problem(content, words, tmp_pat
     ("lora_alpha", float("nan"), "alpha"), ("lora_alpha", float("inf"), "alpha"), ("lora_alpha", "x", "alpha"),
     ("lora_dropout", "high", "'high'"), ("target_modules", 5, "5"), ("target_modules", [1, 2], "target_modules"),
     ("rank_pattern", {"q_proj": "2"}, "rank_pattern"), ("rank_pattern", [1], "[1]"), ("bias", 3, "bias"),
-    ("use_dora", True, "use_dora"),
+    ("lora_bias", True, "lora_bias"),
 ])
 def test_wrong_field_types_name_the_field(field, value, option, tmp_path):
     d = _saved(tmp_path / "a")
