@@ -149,8 +149,10 @@ def test_prefix_tuning_refuses_gradient_checkpointing_and_says_what_to_do():
     x = ids(2, 6)
     with pytest.raises(ConfigError, match="gradient checkpointing.*gradient_checkpointing_disable"):
         model(input_ids=x, labels=x)
-    with torch.no_grad():  # without gradients nothing is recomputed, so the cache is kept
+    model.eval()  # inference with checkpointing on: nothing is recomputed
+    with torch.no_grad():
         model(input_ids=x)
+    model.train()
     model.gradient_checkpointing_disable()
     model(input_ids=x, labels=x).loss.backward()
 

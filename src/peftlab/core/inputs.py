@@ -156,8 +156,9 @@ def layer_key_values(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor
 def checkpointing_activations(model: nn.Module) -> bool:
     """Whether gradient (activation) checkpointing is on (transformers renamed the flag in 5.x)."""
     for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if flag in dir(type(model)):
-            return bool(getattr(model, flag))
+        value = getattr(type(model), flag, None)
+        if isinstance(value, property) and value.fget is not None:  # the newest name the release has
+            return value.fget(model) is True
     return False
 
 

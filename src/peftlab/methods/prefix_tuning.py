@@ -296,7 +296,7 @@ class PrefixTuning(Method):
                 x = kw["labels"]  # the decoder input is made from the labels (shifted right)
             if x is None:
                 return kw, None
-            if model.training and torch.is_grad_enabled() and inputs.checkpointing_activations(model):
+            if model.training and inputs.checkpointing_activations(model):
                 raise ConfigError("prefix_tuning cannot train with gradient checkpointing: transformers drops the "
                                   "key/value cache inside checkpointed layers, which would disconnect the prefixes. "
                                   "Turn gradient checkpointing off (model.gradient_checkpointing_disable()), or use "
