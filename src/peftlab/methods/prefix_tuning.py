@@ -230,9 +230,10 @@ class PrefixTuning(Method):
         was_training = model.training
         try:
             model.eval()
-            model(input_ids=ids, use_cache=True, **{inputs.cache_argument(taker) or "": cache}, **extra) \
-                if (taker := cache_taker(model)) is model else taker(input_ids=ids, use_cache=True,
-                                                                     **{inputs.cache_argument(taker) or "": cache})
+            taker = cache_taker(model)
+            assert taker is not None  # layout_of checked it
+            taker(input_ids=ids, use_cache=True, **{inputs.cache_argument(taker) or "": cache},
+                  **(extra if taker is model else {}))
         finally:
             model.train(was_training)
         own = inputs.self_attention_cache(cache)
