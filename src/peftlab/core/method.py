@@ -248,6 +248,20 @@ class Method:
         resumed run repeats an uninterrupted one exactly.
         """
 
+    def extra_loss(self, model: nn.Module, name: str) -> torch.Tensor | None:
+        """A term training loops add to every micro-batch's loss while adapter ``name`` is active
+        and the model trains (a regulariser on the adapter's own tensors, e.g. AdaLoRA's
+        orthogonality penalty), or None (the default). It is added before the division by the
+        number of accumulation micro-batches, like the task loss."""
+        return None
+
+    def end_step(self, model: nn.Module, name: str, step: int, seed: int) -> None:
+        """Called by training loops after each optimizer step and before the gradients are
+        cleared, for every active adapter (``step`` 0-based, as in :meth:`begin_step`). The
+        default does nothing; methods that act on the gradients or the updated tensors between
+        steps (AdaLoRA's importance scores and rank allocation) override it. Any state it keeps
+        must live in the adapter's tensors (saved in checkpoints) so resumed runs stay exact."""
+
     # ----------------------------------------------------------------------------- tensors
     def adapted_layers(self, model: nn.Module, name: str) -> Iterator[tuple[str, AdapterLayer]]:
         """The adapted layers of ``model`` that hold adapter ``name`` of this method."""

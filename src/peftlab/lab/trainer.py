@@ -8,12 +8,15 @@ What it does, in order, for each optimizer step:
    ``grad_accum``, backward. A loss that is NaN or inf stops the run before any parameter
    changes (:class:`TrainingDiverged`).
    Before the first micro-batch, every active adapter's ``Method.begin_step`` hook runs with
-   the step number and the seed (DyLoRA samples its rank there).
+   the step number and the seed (DyLoRA samples its rank there); each adapter's
+   ``Method.extra_loss`` (a regulariser, e.g. AdaLoRA's) is added to every micro-batch's loss.
 2. Gradient clipping to ``max_grad_norm``, then the optimizer step: AdamW with weight decay on
    every trainable tensor but biases and norm weights (or the optimizer an attached method
    offers through ``make_optimizer(model, lr=, weight_decay=, grad_accum=)``, e.g. GaLore,
    which refuses settings it cannot follow), and the learning-rate schedule: linear warm-up over
-   ``warmup_ratio`` of the steps, then cosine or linear decay to zero, or constant.
+   ``warmup_ratio`` of the steps, then cosine or linear decay to zero, or constant. After the
+   step, before the gradients are cleared, every active adapter's ``Method.end_step`` runs
+   (AdaLoRA's importance scores and rank allocation).
 3. Every ``eval_every`` steps and at the end: ``task.evaluate`` on the validation examples
    (validation loss and the task's metrics, next to the mean training loss since the previous
    evaluation). Training loss falling while validation loss rises above its best is flagged
@@ -340,6 +343,24 @@ def _begin_step(model: nn.Module, step: int, seed: int) -> None:
     for name, method in adapters(model).items():
         if name in active(model):
             method.begin_step(model, name, step, seed)
+
+
+def _end_step(model: nn.Module, step: int, seed: int) -> None:
+    """Tell every active adapter that optimizer step ``step`` (0-based) ended (``Method.end_step``)."""
+    from peftlab.api import active, adapters
+
+    for name, method in adapters(model).items():
+        if name in active(model):
+            method.end_step(model, name, step, seed)
+
+
+def _extra_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of every active adapter's ``Method.extra_loss`` (None when none adds one)."""
+    from peftlab.api import active, adapters
+
+    terms = [t for name, method in adapters(model).items() if name in active(model)
+             for t in [method.extra_loss(model, name)] if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -921,6 +942,9 @@ def _train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, run
                         if loss is None:
                             raise ConfigError(f"{type(model).__name__} returned no loss for a batch with labels; use "
                                               "a model with a task head (...ForSequenceClassification, ...ForCausalLM)")
+                        extra = _extra_loss(model)
+                        if extra is not None:
+                            loss = loss + extra.to(loss.dtype)
                         value = float(loss.detach())
                         if dist.any(not math.isfinite(value)):  # every rank stops, none waits in backward
                             value = value if not math.isfinite(value) else math.nan
@@ -942,6 +966,7 @@ def _train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, run
                 else:
                     optimizer.step()
                 scheduler.step()
+                _end_step(model, state.step, config.seed)
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
