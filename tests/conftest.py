@@ -85,6 +85,11 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-gpt2": {"adapters": {"a": {"method": "houlsby"}, "b": {"method": "houlsby", "layer_norm": True}},
                       "train_adapters": True},
     },
+    "full": {  # every base tensor trains in place (trains_base_weights), the trainer's AdamW
+        "tiny-llama": {},
+        "tiny-bert": {"modules_to_save": ["classifier"]},
+        "tiny-gpt2": {},
+    },
     "galore": {  # full-parameter training: every base tensor trains in place (trains_base_weights)
         "tiny-llama": {"rank": 8, "update_proj_gap": 2, "target_modules": [r".*attn.*", r".*mlp.*"]},
         "tiny-bert": {"rank": 4, "eight_bit": True, "modules_to_save": ["classifier"]},

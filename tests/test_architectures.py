@@ -114,7 +114,7 @@ def batch(arch: str) -> dict[str, torch.Tensor]:
 
 def options(arch: str, method: str, model: nn.Module) -> dict:
     opts: dict = {}
-    if SPECS[arch][3] in ("cls", "vision") and method != "galore":
+    if SPECS[arch][3] in ("cls", "vision") and not peftlab.method_class(method).trains_base_weights:
         opts["modules_to_save"] = ["classifier"]
     if method == "fusion":
         opts.update(adapters={"a": {"method": "houlsby"}, "b": {"method": "houlsby", "reduction_factor": 8}},
