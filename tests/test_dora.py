@@ -75,7 +75,7 @@ def test_row_norms_equal_the_plain_formula_and_identity_at_init():
     perturb(peftlab.adapter_parameters(model, "default"), scale=0.5)
     w = layer.weight.float()
     plain = (w + layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
-             * layer.peftlab_scaling["default"]).norm(dim=1)
+             * layer.scaling("default")).norm(dim=1)
     torch.testing.assert_close(layer.dora_norm("default"), plain, atol=1e-5, rtol=1e-5)
 
 

@@ -68,10 +68,10 @@ def test_linear_update_formula_and_scaling():
 def test_rslora_scale():
     m = nn.Sequential(nn.Linear(20, 16))
     peftlab.attach(m, "lora", r=16, alpha=8, rslora=True, target_modules=["0"])
-    assert m[0].peftlab_scaling["default"] == pytest.approx(8 / math.sqrt(16))
+    assert m[0].scaling("default") == pytest.approx(8 / math.sqrt(16))
     m2 = nn.Sequential(nn.Linear(20, 16))
     peftlab.attach(m2, "lora", r=16, alpha=8, target_modules=["0"])
-    assert m2[0].peftlab_scaling["default"] == pytest.approx(8 / 16)
+    assert m2[0].scaling("default") == pytest.approx(8 / 16)
 
 
 def test_init_a_random_b_zero():
@@ -102,8 +102,8 @@ def test_rank_and_alpha_patterns():
     assert l0.self_attn.q_proj.lora_A["default"].weight.shape[0] == 4
     assert l1.self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
     assert l0.self_attn.v_proj.lora_A["default"].weight.shape[0] == 6
-    assert l0.self_attn.v_proj.peftlab_scaling["default"] == pytest.approx(3 / 6)
-    assert l1.self_attn.q_proj.peftlab_scaling["default"] == pytest.approx(8 / 2)
+    assert l0.self_attn.v_proj.scaling("default") == pytest.approx(3 / 6)
+    assert l1.self_attn.q_proj.scaling("default") == pytest.approx(8 / 2)
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])

@@ -581,8 +581,8 @@ def test_string_booleans_are_refused_for_every_bool_field_of_every_method():
 def test_alpha_pattern_value_scales_the_update():
     model = _llama()
     peftlab.attach(model, "lora", r=4, alpha=8, target_modules=["q_proj"], alpha_pattern={"layers.1.self_attn.q_proj": 2})
-    assert model.model.layers[0].self_attn.q_proj.peftlab_scaling["default"] == 2.0
-    assert model.model.layers[1].self_attn.q_proj.peftlab_scaling["default"] == 0.5
+    assert model.model.layers[0].self_attn.q_proj.scaling("default") == 2.0
+    assert model.model.layers[1].self_attn.q_proj.scaling("default") == 0.5
     assert math.isfinite(out(model, batch()).sum().item())
 
 

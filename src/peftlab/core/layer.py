@@ -44,6 +44,10 @@ class AdapterLayer(nn.Module):
 
     peftlab_active: list[str]
     peftlab_disabled: bool
+    peftlab_state: dict[str, Any]
+    """Per adapter name: the layer's non-tensor state of that adapter (its scale, its rank
+    schedule), an immutable record replaced as a whole (:meth:`set_adapter_state`), so that a
+    transaction's snapshot of this dict restores it and removing the adapter removes it."""
 
     # ------------------------------------------------------------------------ surgery
     @classmethod
@@ -81,12 +85,20 @@ class AdapterLayer(nn.Module):
         for c in self.adapter_containers:
             delattr(self, c)
         for attr in ("peftlab_active", "peftlab_disabled", "peftlab_merged", "peftlab_merge_fix",
-                     "peftlab_weight_version"):
+                     "peftlab_weight_version", "peftlab_state"):
             self.__dict__.pop(attr, None)
         self.__class__ = type(self).base_class
         return self
 
     # ------------------------------------------------------------------------ adapters
+    def adapter_state(self, name: str) -> Any:
+        """The state record of adapter ``name`` (see ``peftlab_state``)."""
+        return self.__dict__["peftlab_state"][name]
+
+    def set_adapter_state(self, name: str, state: Any) -> None:
+        """Set (replace) the state record of adapter ``name``; records are never changed in place."""
+        self.__dict__.setdefault("peftlab_state", {})[name] = state
+
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_containers[0]).keys())
 
@@ -108,6 +120,7 @@ class AdapterLayer(nn.Module):
                 del container[name]
         if name in self.peftlab_active:
             self.peftlab_active.remove(name)
+        self.__dict__.get("peftlab_state", {}).pop(name, None)  # after the unmerge, which may need it
         if not self.adapter_names():
             self.restore()
 

@@ -55,11 +55,20 @@ def parse_layers(spec: str | int | Iterable[int | str] | None) -> frozenset[int]
     return frozenset(out)
 
 
-def layer_index(path: str) -> int | None:
-    """The first numeric component of a module path (its transformer block), if any."""
-    for part in path.split("."):
-        if part.isdigit():
-            return int(part)
+def layer_index(path: str, patterns: Sequence[str] = ()) -> int | None:
+    """The layer index of a module path, if any: the first numeric component (its transformer
+    block), or with ``patterns`` (peft's ``layers_pattern``: the name of the module list, e.g.
+    ``"layers"``, ``"h"``, ``"block"``; regular expressions) the number right after the first
+    component that one of them full-matches, the first pattern that matches winning (peft's rule)."""
+    if not patterns:
+        for part in path.split("."):
+            if part.isdigit():
+                return int(part)
+        return None
+    for pattern in patterns:  # the pattern starts at a component; the index is followed by a component
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
+        if m is not None:
+            return int(m.group(1))
     return None
 
 
@@ -144,6 +153,7 @@ def select(
     supported_names: Sequence[str] = (),
     skip: Sequence[str] = (),
     what: str = "method",
+    layers_pattern: Sequence[str] = (),
 ) -> list[str]:
     """Paths of the modules selected by ``targets``, in model order.
 
@@ -159,6 +169,7 @@ def select(
             transformers' ``Conv1D``).
         skip: Module names that are never selected (e.g. ``modules_to_save``).
         what: The method's name, for error messages.
+        layers_pattern: How ``layers`` finds a module's index (see :func:`layer_index`).
 
     Raises:
         TargetError: An entry that selects nothing, or only modules of unsupported types.
@@ -209,9 +220,9 @@ def select(
     by_path = dict(candidates)
     out = [p for p in chosen if not any(matches(e, p, by_path[p]) for e in exclude)]
     if keep_layers is not None:
-        out = [p for p in out if layer_index(p) in keep_layers]
+        out = [p for p in out if layer_index(p, layers_pattern) in keep_layers]
     if not out:
-        found = sorted({i for p in chosen if (i := layer_index(p)) is not None})
+        found = sorted({i for p in chosen if (i := layer_index(p, layers_pattern)) is not None})
         raise TargetError(f"{what}: targets {entries} select {len(chosen)} module(s), but exclude={list(exclude)} "
                           f"and layers={sorted(keep_layers) if keep_layers is not None else None} remove all "
                           f"of them (layer indices present: {found}).")

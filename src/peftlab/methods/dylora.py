@@ -37,22 +37,23 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core import slots
 from peftlab.core.errors import AdapterStateError, ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
-from peftlab.core.targets import ALL_LINEAR, select
-from peftlab.methods.lora import LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, check_rank, layer_kind
+from peftlab.core.targets import ALL_LINEAR
+from peftlab.methods._lowrank import (LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, attach_layers,
+                                      select_layers)
 
 __all__ = ["DyLoRA", "begin_step", "set_rank", "truncate"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RankState:
-    """Per layer and adapter: the rank bounds, the chosen rank and this step's sampled rank."""
+    """Per layer and adapter: the rank bounds, the chosen rank and this step's sampled rank
+    (an immutable record: changes replace it, ``AdapterLayer.set_adapter_state``)."""
 
     r_min: int
     r_max: int
@@ -73,42 +74,37 @@ def nested(w: torch.Tensor, b: int, dim: int, first: int) -> torch.Tensor:
 
 
 class DyLoRALayer(LoRALayer):
-    """Rank state shared by the DyLoRA layer kinds (each also inherits its LoRA kind)."""
+    """The LoRA layer kinds with nested-rank factors: each DyLoRA kind is ``(DyLoRALayer, LoRA
+    kind)`` and changes only which factors a forward pass and a merge use."""
 
     owner_method = "dylora"
     class_prefix = "DyLoRA"
-    peftlab_dyrank: dict[str, RankState]
 
     def add_dylora(self, name: str, r_min: int, r_max: int, alpha: float, dropout: float, update_all: bool,
                    rank: int) -> None:
-        self.add_adapter(name, r_max, alpha, dropout, False, "default")  # type: ignore[attr-defined]
-        self.__dict__.setdefault("peftlab_dyrank", {})[name] = RankState(r_min, r_max, alpha, update_all, rank)
+        self.add_adapter(name, r_max, alpha, dropout, False, "default")
+        self.set_adapter_state(name, RankState(r_min, r_max, alpha, update_all, rank))
 
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)  # first: a merged adapter's unmerge needs its rank
-        self.__dict__.get("peftlab_dyrank", {}).pop(name, None)
-
-    def restore(self) -> nn.Module:
-        self.__dict__.pop("peftlab_dyrank", None)
-        return super().restore()
-
-    def forward_rank(self, name: str) -> tuple[int, int, float]:
-        """``(b, first trained slice, scale)`` of this forward pass."""
-        st = self.peftlab_dyrank[name]
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The first ``b`` slices: ``b`` sampled for this training step (only the ``b``-th slice
+        trains unless ``update_all``), else the chosen rank; scale ``alpha / b``."""
+        st: RankState = self.adapter_state(name)
+        a, bw = self.factor_tensors(name)
         if self.training and st.step_rank is not None:
             b = st.step_rank
             first = 0 if st.update_all or b <= st.r_min else b - 1
-            return b, first, st.alpha / b
-        return st.rank, 0, st.alpha / st.rank
+            return nested(a, b, 0, first), nested(bw, b, 1, first), st.alpha / b
+        return a[:st.rank], bw[:, :st.rank], st.alpha / st.rank
 
-    def merge_rank(self, name: str) -> tuple[int, float]:
-        st = self.peftlab_dyrank[name]
-        return st.rank, st.alpha / st.rank
+    def merge_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        st: RankState = self.adapter_state(name)
+        a, bw = self.factor_tensors(name)
+        return a[:st.rank], bw[:, :st.rank], st.alpha / st.rank
 
     @torch.no_grad()
     def truncate(self, name: str) -> None:
         """Keep only the first ``rank`` slices of adapter ``name`` (r_max becomes rank)."""
-        st = self.peftlab_dyrank[name]
+        st: RankState = self.adapter_state(name)
         b = st.rank
         for key, p in self.adapter_parameters(name).items():
             a_side = key.split(".", 1)[0] in ("lora_A", "lora_embedding_A")
@@ -122,53 +118,19 @@ class DyLoRALayer(LoRALayer):
                 for size in ("out_features", "out_channels") if a_side else ("in_features", "in_channels"):
                     if hasattr(owner, size):
                         setattr(owner, size, b)
-        st.r_max, st.r_min = b, min(st.r_min, b)
+        self.set_adapter_state(name, dataclasses.replace(st, r_max=b, r_min=min(st.r_min, b)))
 
 
 class DyLoRALinearLayer(DyLoRALayer, LoRALinearLayer):
     """DyLoRA on ``nn.Linear`` and GPT-2 ``Conv1D``."""
 
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        b, first, scale = self.forward_rank(name)
-        a, bw = self.lora_A[name].weight, self.lora_B[name].weight
-        h = F.linear(self.lora_dropout[name](x.to(a.dtype)), nested(a, b, 0, first))
-        return F.linear(h * scale, nested(bw, b, 1, first))
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        b, scale = self.merge_rank(name)
-        delta = (self.lora_B[name].weight[:, :b].float() @ self.lora_A[name].weight[:b].float()) * scale
-        return delta if isinstance(self, nn.Linear) else delta.T
-
 
 class DyLoRAEmbeddingLayer(DyLoRALayer, LoRAEmbeddingLayer):
     """DyLoRA on ``nn.Embedding`` (``A`` is ``r_max x num_embeddings``, looked up per token)."""
 
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        b, first, scale = self.forward_rank(name)
-        a = nested(self.lora_embedding_A[name], b, 0, first)
-        bw = nested(self.lora_embedding_B[name], b, 1, first)
-        return (F.embedding(x, a.T, self.padding_idx) * scale) @ bw.T
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        b, scale = self.merge_rank(name)
-        a, bw = self.lora_embedding_A[name][:b].float(), self.lora_embedding_B[name][:, :b].float()
-        return (bw @ a).T * scale
-
 
 class DyLoRAConvLayer(DyLoRALayer, LoRAConvLayer):
     """DyLoRA on ``nn.Conv1d/2d/3d``: the first ``b`` output channels of ``A``, input channels of ``B``."""
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        b, first, scale = self.forward_rank(name)
-        a, bm = self.lora_A[name], self.lora_B[name]
-        h = a._conv_forward(self.lora_dropout[name](x.to(a.weight.dtype)), nested(a.weight, b, 0, first), None)
-        return bm._conv_forward(h * scale, nested(bm.weight, b, 1, first), None)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        b, scale = self.merge_rank(name)
-        bw = self.lora_B[name].weight[:, :b].float().flatten(1)  # (out, b)
-        a = self.lora_A[name].weight[:b].float()  # (b, in, *kernel)
-        return torch.tensordot(bw, a, dims=([1], [0])) * scale
 
 
 _KINDS: dict[type[LoRALayer], type[DyLoRALayer]] = {
@@ -228,20 +190,14 @@ class DyLoRA(Method):
         return self.r_max if self.rank is None else self.rank
 
     def attach(self, model: nn.Module, name: str) -> None:
-        paths = select(model, self.target_modules, exclude=self.exclude_modules, layers=self.layers,
-                       supported=(nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-                       supported_names=("Conv1D",), skip=self.modules_to_save, what="dylora")
-        modules = {p: model.get_submodule(p) for p in paths}
-        grouped = [p for p, m in modules.items() if getattr(m, "groups", 1) != 1]
-        if grouped:
-            raise ConfigError(f"dylora: grouped convolutions are not supported ({grouped[:3]}); exclude them "
-                              "with exclude_modules")
-        for path, module in modules.items():  # every check before any change
-            check_rank(module, self.r_max, path)
-        for module in modules.values():
-            layer = _KINDS[layer_kind(module)].adopt(module)  # type: ignore[index]
+        modules = select_layers(model, "dylora", target_modules=self.target_modules,
+                                exclude_modules=self.exclude_modules, layers=self.layers, skip=self.modules_to_save)
+
+        def add(layer: LoRALayer, path: str) -> None:
             assert isinstance(layer, DyLoRALayer)
             layer.add_dylora(name, self.r_min, self.r_max, self.alpha, self.dropout, self.update_all, self.eval_rank)
+
+        attach_layers(modules, lambda path: self.r_max, _KINDS.__getitem__, add)
 
     def sample_rank(self, step: int, seed: int) -> int:
         """The rank of training step ``step`` in a run seeded ``seed``: uniform on
@@ -251,7 +207,7 @@ class DyLoRA(Method):
     def begin_step(self, model: nn.Module, name: str, step: int, seed: int) -> None:
         b = self.sample_rank(step, seed)
         for _, layer in self.adapted_layers(model, name):
-            layer.peftlab_dyrank[name].step_rank = b  # type: ignore[attr-defined]
+            layer.set_adapter_state(name, dataclasses.replace(layer.adapter_state(name), step_rank=b))
 
 
 def begin_step(model: nn.Module, step: int, seed: int = 0, name: str = "default") -> int:
@@ -277,7 +233,7 @@ def set_rank(model: nn.Module, rank: int, name: str = "default") -> None:
         assert isinstance(layer, MergeableLayer)
         layer.unmerge_adapter(name)
     for layer in layers:
-        layer.peftlab_dyrank[name].rank = new.eval_rank  # type: ignore[attr-defined]
+        layer.set_adapter_state(name, dataclasses.replace(layer.adapter_state(name), rank=new.eval_rank))
     slots.slot(model, name).method = new
     for layer in merged:
         layer.merge_adapter(name)

@@ -33,7 +33,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
 from peftlab.core.targets import ALL_LINEAR, is_linear, select
-from peftlab.methods.lora import _adapter_dtype, check_patterns, pattern_value
+from peftlab.methods._lowrank import adapter_dtype, check_patterns, pattern_value
 
 __all__ = ["FLoRA", "tucker"]
 
@@ -59,11 +59,10 @@ class FLoRALayer(MergeableLayer):
     class_prefix = "FLoRA"
     adapter_containers = ("flora_core", "flora_factors")
     parameter_containers = ("flora_core",)
-    peftlab_scale: dict[str, float]
 
     def add_adapter(self, name: str, ranks: tuple[int, ...], scale: float) -> None:
         w = self.weight
-        kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+        kw = {"device": w.device, "dtype": adapter_dtype(w)}
         core = nn.Parameter(torch.zeros(ranks, **kw))
         factors = nn.ParameterList([nn.Parameter(torch.empty(d, r, **kw)) for d, r in zip(w.shape, ranks)])
         if w.device.type != "meta":
@@ -72,15 +71,7 @@ class FLoRALayer(MergeableLayer):
                     u.copy_(nn.init.orthogonal_(torch.empty(u.shape, device=u.device)))
         self.flora_core[name] = core
         self.flora_factors[name] = factors
-        self.__dict__.setdefault("peftlab_scale", {})[name] = scale
-
-    def remove_adapter(self, name: str) -> None:
-        self.__dict__.get("peftlab_scale", {}).pop(name, None)
-        super().remove_adapter(name)
-
-    def restore(self) -> nn.Module:
-        self.__dict__.pop("peftlab_scale", None)
-        return super().restore()
+        self.set_adapter_state(name, scale)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
@@ -94,7 +85,7 @@ class FLoRALayer(MergeableLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         core = self.flora_core[name].float()
-        return tucker(core, [u.float() for u in self.flora_factors[name]]) * self.peftlab_scale[name]
+        return tucker(core, [u.float() for u in self.flora_factors[name]]) * self.adapter_state(name)
 
 
 class FLoRALinearLayer(FLoRALayer):
@@ -105,8 +96,8 @@ class FLoRALinearLayer(FLoRALayer):
         u0, u1 = self.flora_factors[name]
         x = x.to(core.dtype)
         if isinstance(self, nn.Linear):  # y = x dW^T = x U_in G^T U_out^T
-            return ((x @ u1) @ core.T) @ u0.T * self.peftlab_scale[name]
-        return ((x @ u0) @ core) @ u1.T * self.peftlab_scale[name]  # y = x dW = x U_in G U_out^T
+            return ((x @ u1) @ core.T) @ u0.T * self.adapter_state(name)
+        return ((x @ u0) @ core) @ u1.T * self.adapter_state(name)  # y = x dW = x U_in G U_out^T
 
 
 class FLoRAEmbeddingLayer(FLoRALayer):
@@ -114,7 +105,7 @@ class FLoRAEmbeddingLayer(FLoRALayer):
 
     def flora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         u_tok, u_dim = self.flora_factors[name]
-        return (F.embedding(x, u_tok, self.padding_idx) @ self.flora_core[name]) @ u_dim.T * self.peftlab_scale[name]
+        return (F.embedding(x, u_tok, self.padding_idx) @ self.flora_core[name]) @ u_dim.T * self.adapter_state(name)
 
 
 class FLoRAConvLayer(FLoRALayer):
@@ -130,7 +121,7 @@ class FLoRAConvLayer(FLoRALayer):
         ones = (1,) * len(spatial)
         h = conv(x.to(core.dtype), u_in.T.reshape(*u_in.T.shape, *ones))
         h = self._conv_forward(h, tucker(core, [None, None, *spatial]), None)  # type: ignore[attr-defined]
-        return conv(h, u_out.reshape(*u_out.shape, *ones)) * self.peftlab_scale[name]
+        return conv(h, u_out.reshape(*u_out.shape, *ones)) * self.adapter_state(name)
 
 
 def layer_kind(module: nn.Module) -> type[FLoRALayer] | None:

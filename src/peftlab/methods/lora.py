@@ -17,214 +17,25 @@ Tensor names and the config follow peft's, so the files load in peft and vice ve
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError
-from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import FILE_PREFIX, Method, register
-from peftlab.core.targets import ALL_LINEAR, is_linear, select
+from peftlab.core.targets import ALL_LINEAR
+from peftlab.methods._lowrank import (LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, LowRank,
+                                      adapter_dtype, attach_layers, check_patterns, check_rank, dims, init_factors,
+                                      layer_kind, pattern_value, select_layers)
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("default", "gaussian", "random")
 
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters of a half-precision base train in fp32 (stable Adam updates, as peft does)."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() \
-        else weight.dtype
-
-
-class LoRALayer(MergeableLayer):
-    """State shared by the LoRA layer kinds: per-adapter scale and the forward pass."""
-
-    owner_method = "lora"
-    class_prefix = "LoRA"
-    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
-    peftlab_scaling: dict[str, float]
-
-    def _set_scaling(self, name: str, r: int, alpha: float, rslora: bool) -> None:
-        self.__dict__.setdefault("peftlab_scaling", {})[name] = alpha / (math.sqrt(r) if rslora else r)
-
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)  # first: a merged adapter's unmerge needs its scale
-        self.__dict__.get("peftlab_scaling", {}).pop(name, None)
-
-    def restore(self) -> nn.Module:
-        for attr in ("peftlab_scaling", "peftlab_row_norms", "peftlab_dora_merged"):
-            self.__dict__.pop(attr, None)
-        return super().restore()
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        out = super().forward(x, *args, **kwargs)
-        for name in self.live_adapters():
-            out = out + self.adapter_output(name, x, out).to(out.dtype)
-        return out
-
-    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to ``out`` (the output so far, as peft accumulates it)."""
-        return self.lora_output(name, x)
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class LoRALinearLayer(LoRALayer):
-    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (same maths, transposed weight), optionally
-    weight-decomposed (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353)::
-
-        h = b + m / ||W + s B A||_row * (W x + s B A x)      (the norm detached, the paper's Sec. 4.3)
-
-    ``m`` (``lora_magnitude_vector``, d_out) starts at ``||W||_row``, so DoRA is the identity at
-    init. The row norms come without the ``d_out x d_in`` matrix ``W + s B A``:
-    ``||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)``, with ``||W||^2`` cached.
-    """
-
-    adapter_containers = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
-    parameter_containers = ("lora_magnitude_vector",)
-
-    def _shape(self) -> tuple[int, int]:
-        w = self.weight
-        fan_in_fan_out = not isinstance(self, nn.Linear)  # Conv1D stores (d_in, d_out)
-        return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
-        check_rank(self, r, type(self).__name__)
-        d_in, d_out = self._shape()
-        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
-        a, b = nn.Linear(d_in, r, bias=False, **kw), nn.Linear(r, d_out, bias=False, **kw)
-        _init(a.weight, b.weight, init, r)
-        self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._set_scaling(name, r, alpha, rslora)
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A[name]
-        # the scale multiplies the r-wide intermediate, not the d_out-wide output: r/d_out of the work
-        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))) * self.peftlab_scaling[name])
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        merged = self.__dict__.get("peftlab_dora_merged", {})
-        if name in merged:  # a merged DoRA update depends on the weight before the merge: use it as merged
-            return merged[name]
-        delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.peftlab_scaling[name]
-        if name in self.lora_magnitude_vector:  # DoRA: the merged weight is m / ||W + dW|| * (W + dW)
-            w = self._matrix().float()
-            scale = self.lora_magnitude_vector[name].float() / self.dora_norm(name).float()
-            delta = scale[:, None] * (w + delta) - w
-        return delta if isinstance(self, nn.Linear) else delta.T
-
-    # ------------------------------------------------------------------------- DoRA
-    def merge_adapter(self, name: str) -> None:
-        """A DoRA update is kept (fp32, the weight's size) while merged: it is a function of the
-        weight it was merged into, so unmerging needs it as it was."""
-        dora = name in self.lora_magnitude_vector and name not in self.__dict__.get("peftlab_merged", [])
-        delta = self.delta_weight(name) if dora else None
-        super().merge_adapter(name)
-        if delta is not None:
-            self.__dict__.setdefault("peftlab_dora_merged", {})[name] = delta
-
-    def _unmerge_last(self) -> None:
-        name = self.peftlab_merged[-1]
-        super()._unmerge_last()
-        self.__dict__.get("peftlab_dora_merged", {}).pop(name, None)
-
-    def _matrix(self) -> torch.Tensor:
-        """The base weight as ``(d_out, d_in)``."""
-        return self.weight if isinstance(self, nn.Linear) else self.weight.T
-
-    def add_dora(self, name: str) -> None:
-        """Make adapter ``name`` weight-decomposed: ``m`` starts at the base rows' norms."""
-        with torch.no_grad():
-            m = self._matrix().float().norm(dim=1).to(_adapter_dtype(self.weight))
-        self.lora_magnitude_vector[name] = nn.Parameter(m)
-
-    @torch.no_grad()
-    def dora_norm(self, name: str) -> torch.Tensor:
-        """``||W + s B A||`` per output row (no gradient, as in the paper and peft), in fp32."""
-        w = self._matrix()
-        cache = self.__dict__.setdefault("peftlab_row_norms", {})
-        key = (w._version, w.data_ptr())
-        if cache.get("key") != key:
-            cache["key"], cache["sq"] = key, w.float().pow(2).sum(1)
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
-        s = self.peftlab_scaling[name]
-        wa = (w @ self.lora_A[name].weight.to(w.dtype).T).float()  # (d_out, r)
-        sq = cache["sq"] + 2 * s * (b * wa).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
-        return sq.clamp_min(0).sqrt()
-
-    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return self.lora_output(name, x)
-        a, dropout = self.lora_A[name], self.lora_dropout[name]
-        xd = dropout(x.to(a.weight.dtype))
-        lora = self.lora_B[name](a(xd) * self.peftlab_scaling[name])
-        scale = (self.lora_magnitude_vector[name] / self.dora_norm(name).to(lora.dtype)).to(lora.dtype)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            base = out if self.bias is None else out - self.bias
-        else:  # the base output of the dropped input, as peft computes it
-            base = F.linear(xd.to(self.weight.dtype), self._matrix())
-        return (scale - 1) * base.to(lora.dtype) + scale * lora
-
-
-class LoRAEmbeddingLayer(LoRALayer):
-    """LoRA on ``nn.Embedding``: ``A`` (``r x num_embeddings``) is indexed by token id."""
-
-    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
-    parameter_containers = ("lora_embedding_A", "lora_embedding_B")
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
-        check_rank(self, r, type(self).__name__)
-        num, dim = self.weight.shape
-        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
-        a, b = nn.Parameter(torch.empty(r, num, **kw)), nn.Parameter(torch.empty(dim, r, **kw))
-        _init(a, b, "gaussian" if init == "default" else init, r, embedding=True)
-        self.lora_embedding_A[name], self.lora_embedding_B[name] = a, b
-        self._set_scaling(name, r, alpha, rslora)
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        after_a = F.embedding(x, a.T, self.padding_idx, self.max_norm, self.norm_type,
-                              self.scale_grad_by_freq, self.sparse)
-        return (after_a * self.peftlab_scaling[name]) @ b.T
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
-        return (b @ a).T * self.peftlab_scaling[name]
-
-
-class LoRAConvLayer(LoRALayer):
-    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` convolves with the base kernel to ``r`` channels,
-    ``B`` is a 1x1 convolution, so ``delta W[o, i, ...] = s * sum_r B[o, r] A[r, i, ...]``."""
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
-        check_rank(self, r, type(self).__name__)
-        conv = type(self).base_class
-        kw = {"device": self.weight.device, "dtype": _adapter_dtype(self.weight)}
-        a = conv(self.in_channels, r, self.kernel_size, self.stride, self.padding, self.dilation,
-                 bias=False, padding_mode=self.padding_mode, **kw)
-        b = conv(r, self.out_channels, 1, bias=False, **kw)
-        _init(a.weight, b.weight, init, r)
-        self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._set_scaling(name, r, alpha, rslora)
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A[name]
-        # the scale multiplies the r-wide intermediate, not the d_out-wide output: r/d_out of the work
-        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))) * self.peftlab_scaling[name])
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        b = self.lora_B[name].weight.float().flatten(1)  # (out, r)
-        a = self.lora_A[name].weight.float()  # (r, in, *kernel)
-        return torch.tensordot(b, a, dims=([1], [0])) * self.peftlab_scaling[name]
+__all__ = ["LoRA", "LoRALayer", "LoRALinearLayer", "LoRAEmbeddingLayer", "LoRAConvLayer", "LoRAParamLayer",
+           "check_patterns", "check_rank", "dims", "layer_kind", "pattern_value"]
 
 
 class LoRAParamLayer(LoRALayer):
@@ -249,17 +60,15 @@ class LoRAParamLayer(LoRALayer):
         for pname, r, alpha in params:
             w = getattr(self, pname)
             experts, d_in, d_out = self._param_dims(pname)
-            kw = {"device": w.device, "dtype": _adapter_dtype(w)}
+            kw = {"device": w.device, "dtype": adapter_dtype(w)}
             unit = nn.Module()
             unit.lora_A = nn.Linear(d_in, r * experts, bias=False, **kw)
             unit.lora_B = nn.Linear(r * experts, d_out, bias=False, **kw)
-            _init(unit.lora_A.weight, unit.lora_B.weight, init, r)
+            init_factors(unit.lora_A.weight, unit.lora_B.weight, init, r)
             per[pname] = unit
-            self.__dict__.setdefault("peftlab_param_scaling", {})[(name, pname)] = \
-                alpha / (math.sqrt(r) if rslora else r)
         self.lora_params[name] = per
         self.lora_dropout[name] = nn.Identity()
-        self.__dict__.setdefault("peftlab_scaling", {})[name] = 1.0
+        self.set_adapter_state(name, {pname: LowRank(r, alpha, rslora) for pname, r, alpha in params})
 
     def _param_dims(self, pname: str) -> tuple[int, int, int]:
         shape = getattr(self, pname).shape
@@ -276,7 +85,7 @@ class LoRAParamLayer(LoRALayer):
         experts, d_in, d_out = self._param_dims(pname)
         a = unit.lora_A.weight.reshape(experts, -1, d_in)  # (experts, r, d_in)
         b = unit.lora_B.weight.reshape(d_out, -1, experts)  # (d_out, r, experts)
-        scale = self.__dict__["peftlab_param_scaling"][(name, pname)]
+        scale = self.adapter_state(name)[pname].scale
         if getattr(self, pname).dim() == 2:
             return (b[..., 0] @ a[0]) * scale
         pattern = "ore,eri->eio" if getattr(self, "is_transposed", False) else "ore,eri->eoi"
@@ -316,10 +125,6 @@ class LoRAParamLayer(LoRALayer):
 
     def merge_adapter(self, name: str) -> None:
         self.merge_is_finite(name)
-
-    def restore(self) -> nn.Module:
-        self.__dict__.pop("peftlab_param_scaling", None)
-        return super().restore()
 
 
 def parameter_targets(model: nn.Module, entries: tuple[str, ...], skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
@@ -362,70 +167,6 @@ PEFT_HANDLED = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "
 PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
                            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"})
 """Fields that describe the file, not the adapter's maths (qalora_group_size only acts with use_qalora)."""
-
-
-def _init(a: torch.Tensor, b: torch.Tensor, init: str, r: int, embedding: bool = False) -> None:
-    with torch.no_grad():
-        if init == "gaussian":
-            nn.init.normal_(a, std=1.0 if embedding else 1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init == "random":
-            nn.init.normal_(b, std=0.02)
-        else:
-            nn.init.zeros_(b)
-
-
-def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
-    """Which LoRA layer adapts ``module`` (None: unsupported)."""
-    if is_linear(module):
-        return LoRALinearLayer
-    if isinstance(module, nn.Embedding):
-        return LoRAEmbeddingLayer
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoRAConvLayer
-    return None
-
-
-def dims(module: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of the map a LoRA update of ``module`` has (a convolution's input side
-    is its input channels times its kernel)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return module.in_channels * math.prod(module.kernel_size), module.out_channels
-    w = module.weight  # GPT-2 Conv1D: (d_in, d_out)
-    return int(w.shape[0]), int(w.shape[1])
-
-
-def check_rank(module: nn.Module, r: int, where: str) -> None:
-    """Refuse a rank above the layer's larger dimension: the update's rank cannot exceed the
-    smaller one, so such factors only add parameters (and an absurd rank would exhaust memory)."""
-    d_in, d_out = dims(module)
-    if r > max(d_in, d_out):
-        raise ConfigError(f"rank {r} for {where} is larger than both of its dimensions (d_in={d_in}, d_out={d_out}); "
-                          f"an update of this layer has rank at most {min(d_in, d_out)}. Lower r (or give this "
-                          "module its own rank with rank_pattern), or exclude it")
-
-
-def check_patterns(method: str, field_name: str, patterns: dict[str, Any]) -> None:
-    """Each key of a rank/alpha pattern must be a regular expression (matched on module paths)."""
-    for key in patterns:
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise ConfigError(f"{method}: {field_name} key {key!r} is not a regular expression ({e}); "
-                              "escape special characters, e.g. 'layers\\.0\\.q_proj'") from None
-
-
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """peft's rank/alpha pattern rule: the first key ``k`` with ``(.*\\.)?(k)$`` matching the path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 @register("lora")
@@ -500,10 +241,9 @@ class LoRA(Method):
 
             keep = parse_layers(self.layers)
             params = {p: v for p, v in params.items() if layer_index(p) in (keep or ())}
-        paths = [] if not self.target_modules and params else select(
-            model, self.target_modules, exclude=self.exclude_modules, layers=self.layers,
-            supported=(nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-            supported_names=("Conv1D",), skip=self.modules_to_save, what="lora")
+        modules = {} if not self.target_modules and params else select_layers(
+            model, "lora", target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+            layers=self.layers, skip=self.modules_to_save)
         left_out = [f for f in fused_expert_parameters(model)
                     if f.rpartition(".")[0] not in params or f.rpartition(".")[2] not in params[f.rpartition(".")[0]]]
         if ALL_LINEAR in self.target_modules and left_out:
@@ -520,24 +260,21 @@ class LoRA(Method):
                 if r > min(d_in, d_out):
                     raise ConfigError(f"lora: rank {r} exceeds {path}.{pname}'s dimensions ({d_in} x {d_out} per "
                                       "expert); lower r")
-        modules = {p: model.get_submodule(p) for p in paths}
-        grouped = [p for p, m in modules.items() if getattr(m, "groups", 1) != 1]
-        if grouped:
-            raise ConfigError(f"lora: grouped convolutions are not supported ({grouped[:3]}); exclude them "
-                              "with exclude_modules")
-        bias_keys = self._bias_keys(model, paths)
-        ranks = {p: pattern_value(self.rank_pattern, p, self.r) for p in paths}
-        for path, module in modules.items():  # every check before any change
-            check_rank(module, ranks[path], path)
+        bias_keys = self._bias_keys(model, list(modules))
+
+        def check(path: str, module: nn.Module) -> None:
             if self.dora and layer_kind(module) is not LoRALinearLayer:
                 raise ConfigError(f"lora: dora=True is implemented for Linear and Conv1D layers; {path} is a "
                                   f"{type(module).__name__} (exclude it with exclude_modules, or use dora=False)")
-        for path, module in modules.items():
-            layer = layer_kind(module).adopt(module)  # type: ignore[union-attr]
-            alpha = pattern_value(self.alpha_pattern, path, self.alpha)
-            layer.add_adapter(name, ranks[path], alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+
+        def add(layer: LoRALayer, path: str) -> None:
+            layer.add_adapter(name, pattern_value(self.rank_pattern, path, self.r),
+                              pattern_value(self.alpha_pattern, path, self.alpha), self.dropout, self.rslora, self.init)
             if self.dora:
                 layer.add_dora(name)  # type: ignore[attr-defined]
+
+        attach_layers(modules, lambda path: pattern_value(self.rank_pattern, path, self.r), lambda kind: kind, add,
+                      check)
         for path, names in params.items():
             player = LoRAParamLayer.adopt(model.get_submodule(path))
             assert isinstance(player, LoRAParamLayer)

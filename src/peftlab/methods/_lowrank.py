@@ -1,0 +1,361 @@
+"""The layers of the low-rank family (LoRA, DoRA, DyLoRA, QLoRA) and their one attach path.
+
+Every layer kind computes ``s * B A x`` from *factors*: ``A`` (rank along dim 0), ``B`` (rank
+along dim 1) and the scale ``s``. :meth:`LoRALayer.factors` (the training/evaluation forward)
+and :meth:`LoRALayer.merge_factors` (merging) give them; a method changes what a forward uses by
+overriding those two only (DyLoRA uses nested leading slices), never the maths of a layer kind.
+The per-adapter state (rank, alpha, rsLoRA; DyLoRA's rank schedule) is the layer's
+``adapter_state(name)`` record (:class:`peftlab.core.layer.AdapterLayer`).
+
+Layer kinds: ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored ``d_in x d_out``),
+``nn.Embedding`` (``A`` looked up per token: ``r x num_embeddings``) and ``nn.Conv1d/2d/3d``
+(``A`` a convolution with the base kernel to ``r`` channels, ``B`` a 1x1 convolution back).
+Tensor names follow peft's (``lora_A.<name>.weight``, ``lora_embedding_A.<name>``), so the files
+load in peft and vice versa.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.errors import ConfigError
+from peftlab.core.layer import MergeableLayer
+from peftlab.core.targets import select
+
+SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_NAMES = ("Conv1D",)
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters of a half-precision base train in fp32 (stable Adam updates, as peft does)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() \
+        else weight.dtype
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Per-adapter state of a LoRA layer: ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+
+    r: int
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALayer(MergeableLayer):
+    """The forward pass and the state shared by the LoRA layer kinds."""
+
+    owner_method = "lora"
+    class_prefix = "LoRA"
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
+
+    # ------------------------------------------------------------------------- factors
+    def factor_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of adapter ``name`` as stored (A: rank along dim 0, B: along dim 1)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def scaling(self, name: str) -> float:
+        return self.adapter_state(name).scale
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` this forward pass uses (the default: all of them)."""
+        a, b = self.factor_tensors(name)
+        return a, b, self.scaling(name)
+
+    def merge_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` that merging folds into the weight (the default: those of evaluation)."""
+        a, b = self.factor_tensors(name)
+        return a, b, self.scaling(name)
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        out = super().forward(x, *args, **kwargs)
+        for name in self.live_adapters():
+            out = out + self.adapter_output(name, x, out).to(out.dtype)
+        return out
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``out`` (the output so far, as peft accumulates it)."""
+        a, b, s = self.factors(name)
+        return self.lora_output(name, x, a, b, s)
+
+    def lora_output(self, name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        """``s * B A dropout(x)`` in this layer kind's form (the scale multiplies the r-wide
+        intermediate, not the d_out-wide output: r/d_out of the work)."""
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+        check_rank(self, r, type(self).__name__)
+        self.new_factors(name, r, dropout, init)
+        self.set_adapter_state(name, LowRank(r, alpha, rslora))
+
+    def new_factors(self, name: str, r: int, dropout: float, init: str) -> None:
+        raise NotImplementedError
+
+
+class LoRALinearLayer(LoRALayer):
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (same maths, transposed weight), optionally
+    weight-decomposed (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353)::
+
+        h = b + m / ||W + s B A||_row * (W x + s B A x)      (the norm detached, the paper's Sec. 4.3)
+
+    ``m`` (``lora_magnitude_vector``, d_out) starts at ``||W||_row``, so DoRA is the identity at
+    init. The row norms come without the ``d_out x d_in`` matrix ``W + s B A``:
+    ``||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)``, with ``||W||^2`` cached.
+    """
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    parameter_containers = ("lora_magnitude_vector",)
+
+    def _shape(self) -> tuple[int, int]:
+        w = self.weight
+        fan_in_fan_out = not isinstance(self, nn.Linear)  # Conv1D stores (d_in, d_out)
+        return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def new_factors(self, name: str, r: int, dropout: float, init: str) -> None:
+        d_in, d_out = self._shape()
+        kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
+        a, b = nn.Linear(d_in, r, bias=False, **kw), nn.Linear(r, d_out, bias=False, **kw)
+        init_factors(a.weight, b.weight, init, r)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def lora_output(self, name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a) * s, b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        merged = self.__dict__.get("peftlab_dora_merged", {})
+        if name in merged:  # a merged DoRA update depends on the weight before the merge: use it as merged
+            return merged[name]
+        a, b, s = self.merge_factors(name)
+        delta = (b.float() @ a.float()) * s
+        if name in self.lora_magnitude_vector:  # DoRA: the merged weight is m / ||W + dW|| * (W + dW)
+            w = self._matrix().float()
+            scale = self.lora_magnitude_vector[name].float() / self.dora_norm(name).float()
+            delta = scale[:, None] * (w + delta) - w
+        return delta if isinstance(self, nn.Linear) else delta.T
+
+    # ------------------------------------------------------------------------- DoRA
+    def restore(self) -> nn.Module:
+        for attr in ("peftlab_row_norms", "peftlab_dora_merged"):
+            self.__dict__.pop(attr, None)
+        return super().restore()
+
+    def merge_adapter(self, name: str) -> None:
+        """A DoRA update is kept (fp32, the weight's size) while merged: it is a function of the
+        weight it was merged into, so unmerging needs it as it was."""
+        dora = name in self.lora_magnitude_vector and name not in self.__dict__.get("peftlab_merged", [])
+        delta = self.delta_weight(name) if dora else None
+        super().merge_adapter(name)
+        if delta is not None:
+            self.__dict__.setdefault("peftlab_dora_merged", {})[name] = delta
+
+    def _unmerge_last(self) -> None:
+        name = self.peftlab_merged[-1]
+        super()._unmerge_last()
+        self.__dict__.get("peftlab_dora_merged", {}).pop(name, None)
+
+    def _matrix(self) -> torch.Tensor:
+        """The base weight as ``(d_out, d_in)``."""
+        return self.weight if isinstance(self, nn.Linear) else self.weight.T
+
+    def add_dora(self, name: str) -> None:
+        """Make adapter ``name`` weight-decomposed: ``m`` starts at the base rows' norms."""
+        with torch.no_grad():
+            m = self._matrix().float().norm(dim=1).to(adapter_dtype(self.weight))
+        self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    @torch.no_grad()
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output row (no gradient, as in the paper and peft), in fp32."""
+        w = self._matrix()
+        cache = self.__dict__.setdefault("peftlab_row_norms", {})
+        key = (w._version, w.data_ptr())
+        if cache.get("key") != key:
+            cache["key"], cache["sq"] = key, w.float().pow(2).sum(1)
+        a_t, b_t, s = self.merge_factors(name)
+        a, b = a_t.float(), b_t.float()
+        wa = (w @ a_t.to(w.dtype).T).float()  # (d_out, r)
+        sq = cache["sq"] + 2 * s * (b * wa).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.factors(name)
+        if name not in self.lora_magnitude_vector:
+            return self.lora_output(name, x, a, b, s)
+        dropout = self.lora_dropout[name]
+        xd = dropout(x.to(a.dtype))
+        lora = F.linear(F.linear(xd, a) * s, b)
+        scale = (self.lora_magnitude_vector[name] / self.dora_norm(name).to(lora.dtype)).to(lora.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base = out if self.bias is None else out - self.bias
+        else:  # the base output of the dropped input, as peft computes it
+            base = F.linear(xd.to(self.weight.dtype), self._matrix())
+        return (scale - 1) * base.to(lora.dtype) + scale * lora
+
+
+class LoRAEmbeddingLayer(LoRALayer):
+    """LoRA on ``nn.Embedding``: ``A`` (``r x num_embeddings``) is indexed by token id."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    parameter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def factor_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def new_factors(self, name: str, r: int, dropout: float, init: str) -> None:
+        num, dim = self.weight.shape
+        kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
+        a, b = nn.Parameter(torch.empty(r, num, **kw)), nn.Parameter(torch.empty(dim, r, **kw))
+        init_factors(a, b, "gaussian" if init == "default" else init, r, embedding=True)
+        self.lora_embedding_A[name], self.lora_embedding_B[name] = a, b
+
+    def lora_output(self, name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        after_a = F.embedding(x, a.T, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return (after_a * s) @ b.T
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b, s = self.merge_factors(name)
+        return (b.float() @ a.float()).T * s
+
+
+class LoRAConvLayer(LoRALayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` convolves with the base kernel to ``r`` channels,
+    ``B`` is a 1x1 convolution, so ``delta W[o, i, ...] = s * sum_r B[o, r] A[r, i, ...]``."""
+
+    def new_factors(self, name: str, r: int, dropout: float, init: str) -> None:
+        conv = type(self).base_class
+        kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
+        a = conv(self.in_channels, r, self.kernel_size, self.stride, self.padding, self.dilation,
+                 bias=False, padding_mode=self.padding_mode, **kw)
+        b = conv(r, self.out_channels, 1, bias=False, **kw)
+        init_factors(a.weight, b.weight, init, r)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def lora_output(self, name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        a_conv, b_conv = self.lora_A[name], self.lora_B[name]
+        h = a_conv._conv_forward(self.lora_dropout[name](x.to(a.dtype)), a, None)
+        return b_conv._conv_forward(h * s, b, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b, s = self.merge_factors(name)
+        return torch.tensordot(b.float().flatten(1), a.float(), dims=([1], [0])) * s
+
+
+KINDS: tuple[type[LoRALayer], ...] = (LoRALinearLayer, LoRAEmbeddingLayer, LoRAConvLayer)
+
+
+def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
+    """Which LoRA layer kind adapts ``module`` (None: unsupported)."""
+    from peftlab.core.targets import is_linear
+
+    if is_linear(module):
+        return LoRALinearLayer
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbeddingLayer
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoRAConvLayer
+    return None
+
+
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: str, r: int, embedding: bool = False) -> None:
+    """peft's initialisations: ``default`` (A Kaiming-uniform, B zero), ``gaussian`` (A ~ N(0, 1/r);
+    N(0, 1) for embeddings), ``random`` (B ~ N(0, 0.02) too: not identity at init)."""
+    if a.device.type == "meta":
+        return
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 if embedding else 1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init == "random":
+            nn.init.normal_(b, std=0.02)
+        else:
+            nn.init.zeros_(b)
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of the map a LoRA update of ``module`` has (a convolution's input side
+    is its input channels times its kernel)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels * math.prod(module.kernel_size), module.out_channels
+    w = module.weight  # GPT-2 Conv1D: (d_in, d_out)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def check_rank(module: nn.Module, r: int, where: str) -> None:
+    """Refuse a rank above the layer's larger dimension: the update's rank cannot exceed the
+    smaller one, so such factors only add parameters (and an absurd rank would exhaust memory)."""
+    d_in, d_out = dims(module)
+    if r > max(d_in, d_out):
+        raise ConfigError(f"rank {r} for {where} is larger than both of its dimensions (d_in={d_in}, d_out={d_out}); "
+                          f"an update of this layer has rank at most {min(d_in, d_out)}. Lower r (or give this "
+                          "module its own rank with rank_pattern), or exclude it")
+
+
+def check_patterns(method: str, field_name: str, patterns: Mapping[str, Any]) -> None:
+    """Each key of a rank/alpha pattern must be a regular expression (matched on module paths)."""
+    for key in patterns:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ConfigError(f"{method}: {field_name} key {key!r} is not a regular expression ({e}); "
+                              "escape special characters, e.g. 'layers\\.0\\.q_proj'") from None
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """peft's rank/alpha pattern rule: the first key ``k`` with ``(.*\\.)?(k)$`` matching the path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def select_layers(model: nn.Module, what: str, *, target_modules: tuple[str, ...], exclude_modules: tuple[str, ...],
+                  layers: tuple[int | str, ...] | None, skip: tuple[str, ...],
+                  layers_pattern: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """The modules a low-rank method adapts, by path, with the checks every member makes."""
+    paths = select(model, target_modules, exclude=exclude_modules, layers=layers, supported=SUPPORTED,
+                   supported_names=SUPPORTED_NAMES, skip=skip, what=what, layers_pattern=layers_pattern)
+    modules = {p: model.get_submodule(p) for p in paths}
+    grouped = [p for p, m in modules.items() if getattr(m, "groups", 1) != 1]
+    if grouped:
+        raise ConfigError(f"{what}: grouped convolutions are not supported ({grouped[:3]}); exclude them "
+                          "with exclude_modules")
+    return modules
+
+
+def attach_layers(modules: Mapping[str, nn.Module], rank: Callable[[str], int],
+                  kind: Callable[[type[LoRALayer]], type[LoRALayer]],
+                  add: Callable[[LoRALayer, str], None],
+                  check: Callable[[str, nn.Module], None] = lambda path, module: None) -> None:
+    """The one attach path of the family: every check (rank, then the method's own ``check``)
+    before any change, then per module adopt the layer kind (``kind`` maps LoRA's kind to the
+    method's own) and ``add`` the adapter."""
+    kinds = {}
+    for path, module in modules.items():
+        base = layer_kind(module)
+        if base is None:
+            raise ConfigError(f"{path}: {type(module).__name__} is not a layer the low-rank methods adapt")
+        check_rank(module, rank(path), path)
+        check(path, module)
+        kinds[path] = kind(base)
+    for path, module in modules.items():
+        add(kinds[path].adopt(module), path)
