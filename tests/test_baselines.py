@@ -57,3 +57,15 @@ def test_label_counts_and_epoch_fraction() -> None:
     assert metrics.epoch_fraction(30, 16, 4000) == pytest.approx(0.12, abs=1e-12)
     with pytest.raises(ValueError, match="no examples"):
         metrics.epoch_fraction(1, 1, 0)
+
+
+def test_binomial_margin_matches_simulated_spread() -> None:
+    rng = random.Random(0)
+    p, n = 0.66, 1000
+    accuracies = [sum(rng.random() < p for _ in range(n)) / n for _ in range(400)]
+    mean = sum(accuracies) / len(accuracies)
+    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5
+    assert metrics.binomial_margin(p, n, z=1.0) == pytest.approx(std, rel=0.15)
+    assert metrics.binomial_margin(0.66, 1000) == pytest.approx(2 * (0.66 * 0.34 / 1000) ** 0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="at least one example"):
+        metrics.binomial_margin(0.5, 0)
