@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import time
 import warnings
 
@@ -217,8 +218,13 @@ def test_history_records_the_schedule(tok, tweets):
     assert result.tokens == sum(h["tokens"] for h in result.history) > 0
     assert result.tokens_per_second == pytest.approx(result.tokens / result.seconds)
     assert [e["step"] for e in result.evals] == [2, 4, 5]
-    assert set(result.evals[0]) == {"step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "overfitting"}
-    assert result.final == {k[4:]: v for k, v in result.evals[-1].items() if k.startswith("val_")}
+    assert set(result.evals[0]) == {"step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_loss_noise",
+                                    "overfitting"}
+    assert result.final == {k[4:]: v for k, v in result.evals[-1].items() if k.startswith("val_") and k != "val_loss_noise"}
+    assert result.evals[0]["val_loss_noise"] is None  # 2 steps: too few to measure the noise
+    assert result.evals[-1]["val_loss_noise"] == pytest.approx(
+        trainer.loss_noise([h["loss"] for h in result.history], 8, 8))
+    assert result.train_size == 20 and result.epochs == pytest.approx(5 * 8 / 20)
 
 
 def test_weight_decay_skips_biases_and_norms():
@@ -304,18 +310,50 @@ def test_config_errors_name_the_field(field, value, message):
         TrainConfig(**{field: value})
 
 
-def test_overfitting_is_detected():
-    e = [{"step": 1, "train_loss": 1.0, "val_loss": 1.0}, {"step": 2, "train_loss": 0.8, "val_loss": 0.9},
-         {"step": 3, "train_loss": 0.5, "val_loss": 0.95}]
-    assert trainer._overfitting(e)
-    assert not trainer._overfitting(e[:2])
-    assert not trainer._overfitting(e[:2] + [{"step": 3, "train_loss": 0.5, "val_loss": 0.905}])  # within 1 %
-    assert not trainer._overfitting(e[:2] + [{"step": 3, "train_loss": 0.9, "val_loss": 0.95}])  # train rose too
-    assert "overfitting: validation loss 0.9500 is above its best 0.9000 (step 2)" in trainer._overfit_line(e)
+def _evals(val: list[float], train: list[float], noise: float | None = None) -> list[dict]:
+    return [{"step": i + 1, "train_loss": t, "val_loss": v, "val_loss_noise": noise}
+            for i, (v, t) in enumerate(zip(val, train))]
+
+
+def test_overfitting_needs_a_material_rise():
+    # the case: 0.412 -> 0.418 (1.5 %) with a validation loss whose noise is 0.02
+    assert not trainer.overfitting(_evals([0.5, 0.412, 0.418], [0.6, 0.45, 0.40], noise=0.02))
+    # the same rise against a noise of 0.002 is 3 standard errors: flagged
+    assert trainer.overfitting(_evals([0.5, 0.412, 0.418], [0.6, 0.45, 0.40], noise=0.002))
+    # more than twice the noise but not 1 % above the best: not flagged
+    assert not trainer.overfitting(_evals([1.0, 0.900, 0.905], [1.0, 0.8, 0.5], noise=0.001))
+    # a big rise while training loss rose too: not overfitting
+    assert not trainer.overfitting(_evals([1.0, 0.9, 0.95], [1.0, 0.8, 0.9], noise=0.001))
+    # unknown noise and a single rise: not enough evidence
+    assert not trainer.overfitting(_evals([1.0, 0.9, 0.95], [1.0, 0.8, 0.5]))
+    assert not trainer.overfitting(_evals([1.0, 0.9], [1.0, 0.8], noise=0.001))  # the best is the last
+
+
+def test_overfitting_by_rises_at_consecutive_evaluations():
+    val, train = [0.90, 0.80, 0.805, 0.81, 0.82], [1.0, 0.8, 0.7, 0.6, 0.5]
+    # each rise is within the noise (0.05), but the loss rose at 3 evaluations in a row, 2.5 % above its best
+    assert trainer.overfitting(_evals(val, train, noise=0.05))
+    assert not trainer.overfitting(_evals(val[:4], train[:4], noise=0.05))  # 2 rises only
+    assert not trainer.overfitting(_evals([0.90, 0.80, 0.83, 0.81, 0.82], train, noise=0.05))  # not monotone
+    line = trainer.overfit_line(_evals(val, train, noise=0.005))
+    assert "overfitting: validation loss 0.8200 is above its best 0.8000 (step 2), 4.0x its noise" in line
+
+
+def test_loss_noise_recovers_the_spread_of_a_mean():
+    # step losses: a falling trend plus noise of a mean over 16 examples whose losses spread 0.8
+    g = torch.Generator().manual_seed(0)
+    sigma, per_step, n_val = 0.8, 16, 160
+    steps = 2000
+    noise = torch.randn(steps, generator=g) * sigma / math.sqrt(per_step)
+    losses = [2.0 * math.exp(-s / 300) + 0.3 + float(e) for s, e in enumerate(noise)]
+    estimates = [trainer.loss_noise(losses[: end], per_step, n_val) for end in range(200, steps + 1, 50)]
+    expected = sigma / math.sqrt(n_val)  # the standard error of a mean over n_val examples
+    assert statistics.median(estimates) == pytest.approx(expected, rel=0.1)
+    assert trainer.loss_noise([1.0, 0.9, 0.8], per_step, n_val) is None  # too few steps
 
 
 def test_overfitting_is_flagged_in_the_output(tok, tweets, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "_overfitting", lambda evals: len(evals) > 1)
+    monkeypatch.setattr(trainer, "overfitting", lambda evals: len(evals) > 1)
     result = train(lora_bert(), tok, tweets, TrainConfig(steps=4, **{**SMALL, "progress": True}))
     out = capsys.readouterr().out
     assert "step 2/4: train_loss" in out and "val_accuracy" in out
