@@ -85,6 +85,40 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-gpt2": {"adapters": {"a": {"method": "houlsby"}, "b": {"method": "houlsby", "layer_norm": True}},
                       "train_adapters": True},
     },
+    "adalora": {  # a saved pruned allocation (rank_pattern) is tested in tests/test_adalora.py
+        "tiny-llama": {"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"init_r": 3, "target_r": 1, "alpha": 4, "target_modules": ["query", "value"],
+                      "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"init_r": 4, "target_r": 3, "target_modules": ["c_attn", "c_fc"], "dropout": 0.1},
+    },
+    "ia3": {  # default targets found by name (keys, values, feed-forward outputs) on llama and bert
+        "tiny-llama": {},
+        "tiny-bert": {"modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+    },
+    "vera": {  # save_projection=False: the file holds exactly what trains (the key regenerates the rest)
+        "tiny-llama": {"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "save_projection": False},
+        "tiny-bert": {"r": 4, "bias": "vera_only", "save_projection": False, "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"r": 8, "target_modules": ["c_attn", "c_fc"], "projection_prng_key": 7,
+                      "save_projection": False},
+    },
+    "oft": {  # peft's OFT adapts no Conv1D: GPT-2's untied position embedding is its one layer there
+        "tiny-llama": {"block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"r": 4, "block_size": 0, "target_modules": ["query", "value", "word_embeddings"],
+                      "bias": "oft_only", "modules_to_save": ["classifier"]},
+        "tiny-gpt2": {"block_size": 4, "target_modules": ["wpe"], "cayley_neumann": False, "block_share": True},
+    },
+    "loha": {  # GPT-2's Conv1D is refused (peft's LoHa does not adapt it)
+        "tiny-llama": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                       "rank_pattern": {"down_proj": 2}},
+        "tiny-bert": {"r": 2, "rank_dropout": 0.1, "target_modules": ["query", "value"],
+                      "modules_to_save": ["classifier"]},
+    },
+    "lokr": {  # GPT-2's Conv1D is refused (peft's LoKr does not adapt it)
+        "tiny-llama": {"r": 1, "alpha": 2.0, "decompose_both": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"r": 4, "init": "lycoris", "target_modules": ["query", "value", "intermediate.dense"],
+                      "modules_to_save": ["classifier"]},
+    },
     "full": {  # every base tensor trains in place (trains_base_weights), the trainer's AdamW
         "tiny-llama": {},
         "tiny-bert": {"modules_to_save": ["classifier"]},
