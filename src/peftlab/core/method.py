@@ -262,6 +262,18 @@ class Method:
         steps (AdaLoRA's importance scores and rank allocation) override it. Any state it keeps
         must live in the adapter's tensors (saved in checkpoints) so resumed runs stay exact."""
 
+    def training_state(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter ``name`` that training changes besides its trainable parameters and
+        that a resumed run needs to continue exactly (AdaLoRA's importance scores and allocation
+        mask), by ``model.state_dict()`` key. They are not part of adapter files. Default: none.
+        A checkpointing loop saves them with the trainable tensors and copies them back on resume."""
+        return {}
+
+    def describe(self, model: nn.Module, name: str) -> list[str]:
+        """Lines ``peftlab.summary`` prints about adapter ``name`` beyond parameter counts (AdaLoRA:
+        its rank allocation). Default: none."""
+        return []
+
     # ----------------------------------------------------------------------------- tensors
     def adapted_layers(self, model: nn.Module, name: str) -> Iterator[tuple[str, AdapterLayer]]:
         """The adapted layers of ``model`` that hold adapter ``name`` of this method."""

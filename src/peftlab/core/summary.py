@@ -35,6 +35,8 @@ class Summary:
     trainable: int
     adapters: dict[str, int]
     rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What each adapter's method says about itself (``Method.describe``: AdaLoRA's rank allocation)."""
 
     @property
     def percent(self) -> float:
@@ -55,7 +57,8 @@ class Summary:
     def __str__(self) -> str:
         per = ", ".join(f"{n}: {c:,}" for n, c in self.adapters.items()) or "none"
         return (f"trainable params: {self.trainable:,} of {self.base:,} base params ({self.percent:.4f}%); "
-                f"total with adapters: {self.total:,}; per adapter: {per}\n{self.table()}")
+                f"total with adapters: {self.total:,}; per adapter: {per}\n"
+                + "".join(f"{line}\n" for line in self.notes) + self.table())
 
 
 def _cell(v: float | str) -> str:
@@ -93,5 +96,6 @@ def summary(model: nn.Module) -> Summary:
             old = rows.get(path) or Row(path, type(model.get_submodule(path)).__name__, (), 0)
             rows[path] = Row(path, old.kind, tuple(dict.fromkeys((*old.adapters, n))),
                              old.trainable + (t.numel() if t.requires_grad else 0), old.extra)
+    notes = [line for n in names for line in slots.slot(model, n).method.describe(model, n)]
     return Summary(total, base, trainable, {n: sum(t.numel() for t in ts.values()) for n, ts in per_adapter.items()},
-                   list(rows.values()))
+                   list(rows.values()), notes)
