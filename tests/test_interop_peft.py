@@ -264,8 +264,8 @@ def test_every_peft_lora_field_is_read_described_or_refused():
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("alora_invocation_tokens", [5, 6]), ("lora_bias", True), ("layers_pattern", "layers"), ("ensure_weight_tying", True),
-    ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("init_lora_weights", "olora"),
+    ("alora_invocation_tokens", [5, 6]), ("lora_bias", True), ("ensure_weight_tying", True),
+    ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]), ("init_lora_weights", "corda"),
     ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "loftq"), ("use_qalora", True)])
 def test_an_option_peftlab_lacks_is_refused_by_name(field, value, tmp_path):
     import json
@@ -283,10 +283,10 @@ def test_an_option_peftlab_lacks_is_refused_by_name(field, value, tmp_path):
     assert peftlab.adapters(model) == {} and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_an_unconverted_pissa_adapter_is_refused_with_the_way_out(tmp_path):
+def test_an_unconverted_pissa_adapter_from_a_randomized_svd_is_refused_with_the_way_out(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")).save_pretrained(
-        tmp_path)
+    get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa_niter_2")
+                   ).save_pretrained(tmp_path)
     with pytest.raises(AdapterFileError, match="path_initial_model_for_weight_conversion"):
         peftlab.load(tiny_llama(), tmp_path)

@@ -221,7 +221,8 @@ def test_dropout_only_in_training():
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("bad", [{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"bias": "some"}, {"init": "pissa"},
+@pytest.mark.parametrize("bad", [{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"bias": "some"}, {"init": "pisa"},
+                                 {"init": "loftq"}, {"init": "pissa", "dora": True}, {"layers_pattern": ["layers"]},
                                  {"rank_pattern": {"q": 0}}, {"rank": 4}])
 def test_bad_options_are_clear(bad):
     with pytest.raises(peftlab.ConfigError):

@@ -503,6 +503,16 @@ def _quantize(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch
     return codes, absmax, extra, err
 
 
+def roundtrip(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in fp32, shaped like ``w``: what a layer quantized with
+    ``config`` from ``w`` computes with (LoftQ fits its low-rank factors to ``w`` minus this)."""
+    codes, absmax, extra, _ = _quantize(w, config)
+    n = w.numel()
+    absmax_f = _absmax(absmax, extra, max(1, math.ceil(n / config.blocksize)))
+    raw = unpack_nibbles(codes, n) if config.kind == "nf4" else codes
+    return dequantize_blockwise(raw, absmax_f, _table(config.kind, w.device), config.blocksize, n).view(w.shape)
+
+
 def _absmax(absmax: torch.Tensor, extra: dict[str, torch.Tensor], blocks: int) -> torch.Tensor:
     if "weight_absmax_offset" not in extra:
         return absmax.float()

@@ -315,6 +315,15 @@ class Method:
                 before_write(target)  # a base tensor the adapter trains in place (new tensors need no log)
                 target.copy_(value.to(dtype=target.dtype))
 
+    def saved_form(self, model: nn.Module, name: str,
+                   tensors: dict[str, torch.Tensor]) -> tuple[Method, dict[str, torch.Tensor]]:
+        """The adapter a file holds for adapter ``name``: ``(method, {file key: tensor})``, given
+        ``tensors`` (the file keys and values :meth:`file_tensors` names). The default is the
+        adapter itself. A method whose trained form needs the base it changed (PiSSA and OLoRA
+        take their initial factors out of the base weights) returns an equivalent adapter of the
+        *unchanged* base here (peft's conversion), so the file loads onto the original model."""
+        return self, tensors
+
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         """File key of a base tensor this adapter trains in place (``state_dict`` key ``key``)."""
         return FILE_PREFIX + key

@@ -122,9 +122,10 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: list[str] |
         if any(t.device.type == "meta" for _, t in table.values()):
             raise PeftlabError("the adapter is on the meta device (no values yet); load or initialise it first")
         tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, (_, t) in table.items()}
+        method, tensors = s.method.saved_form(model, name, tensors)
         cfg = getattr(model, "config", None)
         config = {
-            **s.method.to_config(model, name),
+            **method.to_config(model, name),
             "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
             "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         }
@@ -132,8 +133,8 @@ def save(model: nn.Module, directory: str | os.PathLike[str], names: list[str] |
         metadata = {
             "format": "pt",
             "peftlab_version": __version__,
-            "peftlab_method": s.method.method_name,
-            "peftlab_options": json.dumps(s.method.options(), sort_keys=True),
+            "peftlab_method": method.method_name,
+            "peftlab_options": json.dumps(method.options(), sort_keys=True),
             "peftlab_base": json.dumps(_architecture(model), sort_keys=True),
             "peftlab_config_sha256": _config_digest(json.loads(text)),
             "peftlab_data_sha256": _data_digest({k: _raw(t) for k, t in tensors.items()}),

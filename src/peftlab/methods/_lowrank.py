@@ -16,6 +16,7 @@ load in peft and vice versa.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from torch import nn
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.targets import select
+from peftlab.core.transaction import on_undo
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_NAMES = ("Conv1D",)
@@ -41,12 +43,28 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """What a PiSSA/OLoRA initialisation took out of the base weight: ``W_res = round(W - s B0 A0)``.
+
+    ``a0``/``b0`` (fp32) are the initial factors; ``wrong``/``originals`` the few elements (flat
+    indices into the stored weight) where ``round(W_res + s B0 A0)`` is not ``W``, so detaching
+    gives back the exact base (the same record a merge keeps, see ``MergeableLayer``)."""
+
+    a0: torch.Tensor
+    b0: torch.Tensor
+    wrong: torch.Tensor
+    originals: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LowRank:
-    """Per-adapter state of a LoRA layer: ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    """Per-adapter state of a LoRA layer: ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), and
+    for a PiSSA/OLoRA initialisation what it took out of the base weight."""
 
     r: int
     alpha: float
     rslora: bool = False
+    residual: Residual | None = None
 
     @property
     def scale(self) -> float:
@@ -145,6 +163,64 @@ class LoRALinearLayer(LoRALayer):
             scale = self.lora_magnitude_vector[name].float() / self.dora_norm(name).float()
             delta = scale[:, None] * (w + delta) - w
         return delta if isinstance(self, nn.Linear) else delta.T
+
+    # ------------------------------------------------------------------------- PiSSA / OLoRA
+    @torch.no_grad()
+    def init_from_weight(self, name: str, init: str) -> None:
+        """Initialise adapter ``name`` from the base weight and keep the residual in the weight,
+        so the adapted layer still computes ``W x`` (up to rounding):
+
+        * ``pissa`` (Meng et al. 2024, https://arxiv.org/abs/2404.02948): ``B0 = U_r sqrt(S_r / s)``,
+          ``A0 = sqrt(S_r / s) V_r^T`` from the top ``r`` singular triplets of ``W``;
+          ``pissa_niter_<n>``: the same from a randomized SVD (Halko et al., ``n`` subspace
+          iterations; ``torch.svd_lowrank``): a few matrix products instead of a full SVD.
+        * ``olora`` (Buyukakyuz 2024, https://arxiv.org/abs/2406.01775): ``W = Q R``,
+          ``B0 = Q[:, :r]``, ``A0 = R[:r]``.
+
+        ``W`` becomes ``round(W - s B0 A0)``; the record of where rounding lost the original
+        (:class:`Residual`) lets :meth:`remove_adapter` restore the exact base. On the meta device
+        only the factors' shapes exist and nothing is computed."""
+        st: LowRank = self.adapter_state(name)
+        w = self.weight
+        if w.device.type == "meta":
+            return
+        m = self._matrix().float()
+        r, s = st.r, st.scale
+        if init == "olora":
+            q, upper = torch.linalg.qr(m)
+            b0, a0 = q[:, :r].contiguous(), upper[:r].contiguous()
+        else:
+            if init == "pissa":
+                u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+                u, sv, vh = u[:, :r], sv[:r], vh[:r]
+            else:
+                u, sv, v = torch.svd_lowrank(m, q=r, niter=int(init.rsplit("_", 1)[1]))
+                vh = v.T
+            root = (sv / s).sqrt()
+            a0, b0 = (root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous()
+        a, b = self.factor_tensors(name)
+        a.copy_(a0.to(a.dtype))
+        b.copy_(b0.to(b.dtype))
+        delta = (b0 @ a0) * s
+        delta = delta if isinstance(self, nn.Linear) else delta.T  # the stored weight's layout
+        new = (w.float() - delta).to(w.dtype)
+        wrong = ((new.float() + delta).to(w.dtype) != w).flatten().nonzero().flatten()
+        originals = w.detach().flatten()[wrong].clone()
+        w.copy_(new)
+        residual = Residual(a0, b0, wrong, originals)
+        on_undo(lambda: _give_back(w, delta, residual), w)
+        self.set_adapter_state(name, dataclasses.replace(st, residual=residual))
+
+    def remove_adapter(self, name: str) -> None:
+        st = self.__dict__.get("peftlab_state", {}).get(name)
+        if isinstance(st, LowRank) and st.residual is not None and self.weight.device.type != "meta":
+            self.unmerge_adapter(name)  # the merged update first, then the residual goes back
+            w, residual = self.weight, st.residual
+            delta = (residual.b0 @ residual.a0) * st.scale
+            delta = delta if isinstance(self, nn.Linear) else delta.T
+            _give_back(w, delta, residual)
+            on_undo(lambda: w.copy_((w.float() - delta).to(w.dtype)), w)
+        super().remove_adapter(name)
 
     # ------------------------------------------------------------------------- DoRA
     def restore(self) -> nn.Module:
@@ -253,6 +329,14 @@ class LoRAConvLayer(LoRALayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b, s = self.merge_factors(name)
         return torch.tensordot(b.float().flatten(1), a.float(), dims=([1], [0])) * s
+
+
+@torch.no_grad()
+def _give_back(w: torch.Tensor, delta: torch.Tensor, residual: Residual) -> None:
+    """``W_res -> W`` exactly: the inverse of a PiSSA/OLoRA initialisation's write (``delta``
+    in the stored weight's layout)."""
+    w.copy_((w.float() + delta).to(w.dtype))
+    w.view(-1)[residual.wrong] = residual.originals.to(w.dtype)
 
 
 KINDS: tuple[type[LoRALayer], ...] = (LoRALinearLayer, LoRAEmbeddingLayer, LoRAConvLayer)

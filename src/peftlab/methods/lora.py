@@ -16,7 +16,9 @@ Tensor names and the config follow peft's, so the files load in peft and vice ve
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +34,15 @@ from peftlab.methods._lowrank import (LoRAConvLayer, LoRAEmbeddingLayer, LoRALay
                                       layer_kind, pattern_value, select_layers)
 
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "random")
+INITS = ("default", "gaussian", "random", "pissa", "olora")
+"""Initialisations; also ``pissa_niter_<n>`` (PiSSA by a randomized SVD with n subspace iterations)."""
+FROM_WEIGHT = ("pissa", "olora")
+"""Initialisations computed from the base weight, which keeps the residual (PiSSA, OLoRA)."""
+
+
+def from_weight(init: str) -> bool:
+    """Whether ``init`` takes its factors out of the base weight (PiSSA, fast PiSSA, OLoRA)."""
+    return init in FROM_WEIGHT or re.fullmatch(r"pissa_niter_\d+", init) is not None
 
 __all__ = ["LoRA", "LoRALayer", "LoRALinearLayer", "LoRAEmbeddingLayer", "LoRAConvLayer", "LoRAParamLayer",
            "check_patterns", "check_rank", "dims", "layer_kind", "pattern_value"]
@@ -162,7 +172,7 @@ def fused_expert_parameters(model: nn.Module) -> list[str]:
 PEFT_HANDLED = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                           "layers_to_transform", "use_rslora", "bias", "rank_pattern", "alpha_pattern",
                           "modules_to_save", "init_lora_weights", "target_parameters", "fan_in_fan_out",
-                          "use_dora"})
+                          "use_dora", "layers_pattern"})
 """Fields of peft's LoraConfig that peftlab's LoRA reads (fan_in_fan_out: GPT-2's Conv1D is found by type)."""
 PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
                            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size"})
@@ -187,6 +197,10 @@ class LoRA(Method):
     exclude_modules: tuple[str, ...] = ()
     layers: tuple[int | str, ...] | None = None
     """Only these transformer-block indices (ints or ranges like '0-5'); None: all."""
+    layers_pattern: tuple[str, ...] = ()
+    """How ``layers`` finds a module's block index (peft's ``layers_pattern``): the name of the
+    block list, e.g. 'layers', 'h' or 'block' (regular expressions); empty: the first number in
+    the module path."""
     rslora: bool = False
     """Scale by alpha / sqrt(r) (rank-stabilised LoRA), for large ranks."""
     bias: str = "none"
@@ -196,7 +210,11 @@ class LoRA(Method):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init: str = "default"
     """'default' (A Kaiming-uniform, B zero), 'gaussian' (A ~ N(0, 1/r)), 'random' (B random too:
-    not identity at init; for tests and research)."""
+    not identity at init; for tests and research), or from the base weight, which keeps the
+    residual: 'pissa' (principal singular directions; 'pissa_niter_4': by a fast randomized
+    SVD) and 'olora' (QR). Those train the principal directions and converge faster (PiSSA
+    paper, Fig. 2); saving converts them to a plain LoRA of the original base (rank 2r), as
+    peft does, and detaching gives the exact base back."""
     dora: bool = False
     """Weight-decomposed LoRA (DoRA; peft's ``use_dora``): a trained magnitude per output row on top
     of the low-rank direction update. Linear and Conv1D layers; mergeable."""
@@ -228,8 +246,26 @@ class LoRA(Method):
             raise ConfigError(f"lora: dropout must be in [0, 1) (got {self.dropout})")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"lora: bias must be one of {BIAS_MODES} (got {self.bias!r})")
-        if self.init not in INITS:
-            raise ConfigError(f"lora: init must be one of {INITS} (got {self.init!r})")
+        self.check_init()
+        if from_weight(self.init) and self.dora:
+            raise ConfigError(f"lora: init={self.init!r} with dora=True is not implemented; use one of them")
+        if from_weight(self.init) and self.rslora and (self.rank_pattern or self.alpha_pattern):
+            raise ConfigError(f"lora: init={self.init!r} with rslora and rank/alpha patterns cannot be converted to "
+                              "a plain LoRA at save (peft refuses it too); drop the patterns or rslora")
+        for p in self.layers_pattern:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigError(f"lora: layers_pattern entry {p!r} is not a regular expression ({e})") from None
+        if self.layers_pattern and self.layers is None:
+            raise ConfigError("lora: layers_pattern only says how to find the layer index for layers=...; "
+                              "set layers (peft: layers_to_transform) or drop layers_pattern")
+
+    def check_init(self) -> None:
+        """Refuse an initialisation this method does not implement (QLoRA's differ)."""
+        if self.init not in INITS and not from_weight(self.init):
+            hint = " (LoftQ initialises a quantized base: use qlora with init='loftq')" if self.init == "loftq" else ""
+            raise ConfigError(f"lora: init must be one of {INITS} or 'pissa_niter_<n>' (got {self.init!r}){hint}")
 
     def attach(self, model: nn.Module, name: str) -> None:
         if self.target_parameters and self.dropout:
@@ -240,10 +276,10 @@ class LoRA(Method):
             from peftlab.core.targets import layer_index, parse_layers
 
             keep = parse_layers(self.layers)
-            params = {p: v for p, v in params.items() if layer_index(p) in (keep or ())}
+            params = {p: v for p, v in params.items() if layer_index(p, self.layers_pattern) in (keep or ())}
         modules = {} if not self.target_modules and params else select_layers(
             model, "lora", target_modules=self.target_modules, exclude_modules=self.exclude_modules,
-            layers=self.layers, skip=self.modules_to_save)
+            layers=self.layers, skip=self.modules_to_save, layers_pattern=self.layers_pattern)
         left_out = [f for f in fused_expert_parameters(model)
                     if f.rpartition(".")[0] not in params or f.rpartition(".")[2] not in params[f.rpartition(".")[0]]]
         if ALL_LINEAR in self.target_modules and left_out:
@@ -262,16 +298,26 @@ class LoRA(Method):
                                       "expert); lower r")
         bias_keys = self._bias_keys(model, list(modules))
 
+        weight_init = from_weight(self.init)
+
         def check(path: str, module: nn.Module) -> None:
-            if self.dora and layer_kind(module) is not LoRALinearLayer:
-                raise ConfigError(f"lora: dora=True is implemented for Linear and Conv1D layers; {path} is a "
-                                  f"{type(module).__name__} (exclude it with exclude_modules, or use dora=False)")
+            if (self.dora or weight_init) and layer_kind(module) is not LoRALinearLayer:
+                what = "dora=True" if self.dora else f"init={self.init!r}"
+                raise ConfigError(f"lora: {what} is implemented for Linear and Conv1D layers; {path} is a "
+                                  f"{type(module).__name__} (exclude it with exclude_modules, or use another init)")
+            if weight_init and isinstance(module, LoRALayer):
+                raise ConfigError(f"lora: init={self.init!r} changes {path}'s base weight, which already carries "
+                                  f"adapters {module.adapter_names()}; give it a module of its own (exclude_modules) "
+                                  "or use the default init")
 
         def add(layer: LoRALayer, path: str) -> None:
             layer.add_adapter(name, pattern_value(self.rank_pattern, path, self.r),
-                              pattern_value(self.alpha_pattern, path, self.alpha), self.dropout, self.rslora, self.init)
+                              pattern_value(self.alpha_pattern, path, self.alpha), self.dropout, self.rslora,
+                              "default" if weight_init else self.init)
             if self.dora:
                 layer.add_dora(name)  # type: ignore[attr-defined]
+            if weight_init:
+                layer.init_from_weight(name, self.init)  # type: ignore[attr-defined]
 
         attach_layers(modules, lambda path: pattern_value(self.rank_pattern, path, self.r), lambda kind: kind, add,
                       check)
@@ -305,6 +351,28 @@ class LoRA(Method):
             return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
         return FILE_PREFIX + key
 
+    def saved_form(self, model: nn.Module, name: str,
+                   tensors: dict[str, torch.Tensor]) -> tuple[Method, dict[str, torch.Tensor]]:
+        """PiSSA/OLoRA adapters are saved as the plain LoRA of the *original* base (peft's
+        conversion): ``W_res + s B A = W + s [B | -B0] [A ; A0]``, rank ``2r``, alpha doubled
+        (times sqrt 2 with rsLoRA) so the scale stays. Every other adapter is saved as it is."""
+        if not from_weight(self.init):
+            return self, tensors
+        out = dict(tensors)
+        for path, layer in self.adapted_layers(model, name):
+            st = layer.adapter_state(name)
+            residual = getattr(st, "residual", None)
+            if residual is None:
+                continue
+            for part, initial, dim in (("lora_A", residual.a0, 0), ("lora_B", -residual.b0, 1)):
+                key = f"{FILE_PREFIX}{path}.{part}.weight"
+                out[key] = torch.cat([out[key], initial.to(out[key].dtype)], dim=dim).contiguous()
+        factor = math.sqrt(2) if self.rslora else 2
+        plain = dataclasses.replace(self, init="default", r=2 * self.r, alpha=self.alpha * factor,
+                                    rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                                    alpha_pattern={k: v * factor for k, v in self.alpha_pattern.items()})
+        return plain, out
+
     # ------------------------------------------------------------------------- peft config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
         plain = all(not any(ch in t for ch in "*?[:") and t != ALL_LINEAR for t in self.target_modules)
@@ -326,7 +394,7 @@ class LoRA(Method):
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": list(self.modules_to_save) or None,
-            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
+            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}.get(self.init, self.init),
             "fan_in_fan_out": model is not None and any(  # GPT-2 Conv1D stores (d_in, d_out)
                 not isinstance(layer, nn.Linear) and isinstance(layer, LoRALinearLayer)
                 for _, layer in self.adapted_layers(model, name)),
@@ -346,11 +414,23 @@ class LoRA(Method):
             raise ConfigError(f"this peft LoRA config uses options peftlab's LoRA does not implement: {unsupported}; "
                               "it was not loaded (its outputs would differ from peft's)")
         init = config.get("init_lora_weights", True)
-        if init not in (True, False, "gaussian"):
-            reason = (" An unconverted PiSSA/OLoRA adapter assumes base weights that its initialisation changed; "
+        if isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
+            raise ConfigError(f"this peft LoRA config has init_lora_weights={init!r}: an unconverted PiSSA adapter "
+                              "initialised by a randomized SVD. Loading it means subtracting that random SVD from the "
+                              "base again, which gives other base weights than the ones it was trained on (peft too), "
+                              "so it was not loaded. Save it from peft with path_initial_model_for_weight_conversion="
+                              "... to get a plain LoRA adapter for the original base, or use init 'pissa' (full SVD: "
+                              "reproducible)")
+        if init == "loftq":
+            raise ConfigError("this peft LoRA config has init_lora_weights='loftq': peft's LoftQ replaces the base "
+                              "weights by its own quantization, saved with the base model, not in the adapter, so it "
+                              "was not loaded. Load it onto that saved base after setting init_lora_weights to true, "
+                              "or train with peftlab's qlora and init='loftq' (reproduced from the original weights)")
+        if init not in (True, False, "gaussian", "pissa", "olora"):
+            reason = (" An unconverted adapter of this kind assumes base weights that its initialisation changed; "
                       "save it from peft with path_initial_model_for_weight_conversion=... to get a plain LoRA "
                       "adapter for the original base." if isinstance(init, str) and
-                      init.lower().startswith(("pissa", "olora", "corda")) else "")
+                      init.lower().startswith(("corda", "lora_ga")) else "")
             raise ConfigError(f"this peft LoRA config has init_lora_weights={init!r}, which peftlab does not "
                               f"implement; it was not loaded.{reason}")
 
@@ -361,6 +441,11 @@ class LoRA(Method):
                 return (v,) if v == ALL_LINEAR else (f"re:{v}",)
             return tuple(v)
 
+        targets = config.get("target_modules")
+        layers = config.get("layers_to_transform")
+        if isinstance(targets, str) or layers == []:
+            layers = None  # peft applies layers_to_transform to list targets only
+        pattern = config.get("layers_pattern") or ()
         return cls(
             r=int(config.get("r", 8)),
             alpha=config.get("lora_alpha", 8),
@@ -368,14 +453,14 @@ class LoRA(Method):
             target_modules=entries(config.get("target_modules")) or (() if config.get("target_parameters")
                                                                      else (ALL_LINEAR,)),
             exclude_modules=entries(config.get("exclude_modules")),
-            layers=tuple(config["layers_to_transform"]) if isinstance(config.get("layers_to_transform"), list)
-            else (config["layers_to_transform"],) if config.get("layers_to_transform") is not None else None,
+            layers=tuple(layers) if isinstance(layers, list) else (layers,) if layers is not None else None,
+            layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern) if layers is not None else (),
             rslora=bool(config.get("use_rslora", False)),
             bias=config.get("bias", "none"),
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=tuple(config.get("modules_to_save") or ()),
-            init="gaussian" if init == "gaussian" else "random" if init is False else "default",
+            init=init if isinstance(init, str) else "random" if init is False else "default",
             target_parameters=tuple(config.get("target_parameters") or ()),
             dora=bool(config.get("use_dora", False)),
         )

@@ -31,6 +31,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import adapter_layers
+from peftlab.core.transaction import before_write
 from peftlab.core.method import register
 from peftlab.core.targets import select
 from peftlab.methods.lora import LoRA, LoRALinearLayer, pattern_value
@@ -43,6 +44,7 @@ from peftlab.quant import (
     QuantizedLinear,
     dequantize,
     quantize,
+    roundtrip,
     shardable,
 )
 
@@ -84,6 +86,9 @@ class QLoRA(LoRA):
     once, ``peftlab.quant.bitsandbytes_dequantizes_exactly``), else pure PyTorch (same codes)."""
     quantize_also: tuple[str, ...] = ()
     """More modules to quantize without adapters (target entries), e.g. ``("all-linear",)``."""
+    loftq_iter: int = 1
+    """With ``init='loftq'``: alternating steps of LoftQ (quantize ``W - s B A``, refit ``B A`` to
+    the quantization error); 1-5 in the paper."""
     optimizer: str = "adamw"
     """What the lab trains with: ``adamw``, ``adamw8bit`` (``peftlab.optim.make_adamw8bit``:
     bitsandbytes' where it works on the device, CPU included, else peftlab's, any device) or
@@ -107,6 +112,18 @@ class QLoRA(LoRA):
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"qlora: optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
         self.quant_config()  # validates blocksize, compute_dtype, backend availability
+
+    def check_init(self) -> None:
+        """QLoRA's initialisations: LoRA's random ones and LoftQ (Li et al. 2023,
+        https://arxiv.org/abs/2310.08659), which picks the quantized base and the factors together
+        so that ``dequant(Q) + s B A`` is closer to the full-precision ``W`` than ``dequant(Q)``."""
+        if self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_"):
+            raise ConfigError(f"qlora: init={self.init!r} is not implemented for a quantized base (it would quantize "
+                              "the residual); use init='loftq', or lora with that init")
+        if self.init not in ("default", "gaussian", "random", "loftq"):
+            raise ConfigError(f"qlora: init must be 'default', 'gaussian', 'random' or 'loftq' (got {self.init!r})")
+        if self.loftq_iter < 1:
+            raise ConfigError(f"qlora: loftq_iter must be >= 1 (got {self.loftq_iter})")
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.quant_type, self.blocksize, self.double_quant, self.compute_dtype, self.backend)
@@ -139,16 +156,56 @@ class QLoRA(LoRA):
                 raise ConfigError(f"qlora: {p} is already quantized with {m.peftlab_quant}, not with this adapter's "
                                   f"{self.quant_config()}; use the same quantization settings or a fresh base")
         bias_keys = self._bias_keys(model, paths)
+        factors = self._loftq(model, paths) if self.init == "loftq" else {}
         self.prepare_base(model)
         for path in paths:
             layer = QLoRALinearLayer.adopt(model.get_submodule(path))
             r = pattern_value(self.rank_pattern, path, self.r)
             alpha = pattern_value(self.alpha_pattern, path, self.alpha)
-            layer.add_adapter(name, r, alpha, self.dropout, self.rslora, self.init)  # type: ignore[attr-defined]
+            layer.add_adapter(name, r, alpha, self.dropout, self.rslora,  # type: ignore[attr-defined]
+                              "default" if self.init == "loftq" else self.init)
+            if path in factors:
+                with torch.no_grad():
+                    a, b = layer.factor_tensors(name)  # type: ignore[attr-defined]
+                    a.copy_(factors[path][0].to(a.dtype))
+                    b.copy_(factors[path][1].to(b.dtype))
         if bias_keys:
             from peftlab.core import slots
 
             slots.train_base_tensors(model, name, bias_keys)
+
+    @torch.no_grad()
+    def _loftq(self, model: nn.Module, paths: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """LoftQ: ``Q_t = quant(W - s B_{t-1} A_{t-1})`` and ``s B_t A_t`` the best rank-r fit (SVD) of
+        ``W - dequant(Q_t)``, from ``B_0 A_0 = 0``. Writes the last ``W - s B A`` that was quantized
+        into each weight (``prepare_base`` then quantizes exactly it) and returns ``{path: (A, B)}``.
+        Needs the full-precision weights: an already quantized layer is an error."""
+        from peftlab.methods._lowrank import LowRank
+
+        config = self.quant_config()
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for path in paths:
+            if isinstance(model.get_submodule(path), QuantizedModule):
+                raise ConfigError(f"qlora: init='loftq' fits the quantization to the full-precision weights, but {path} "
+                                  "is already quantized; attach to a fresh, unquantized copy of the base model")
+        for path in paths:
+            w = model.get_submodule(path).weight
+            if w.device.type == "meta":
+                continue
+            r = pattern_value(self.rank_pattern, path, self.r)
+            s = LowRank(r, pattern_value(self.alpha_pattern, path, self.alpha), self.rslora).scale
+            full = w.float()
+            update = torch.zeros_like(full)
+            for _ in range(self.loftq_iter):
+                quantized = (full - update).to(w.dtype)
+                u, sv, vh = torch.linalg.svd(full - roundtrip(quantized, config), full_matrices=False)
+                root = (sv[:r] / s).sqrt()
+                a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+                update = (b @ a) * s
+            before_write(w)
+            w.copy_(quantized)
+            out[path] = (a, b)
+        return out
 
     def load_file_tensors(self, model: nn.Module, name: str,
                           values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -192,8 +249,14 @@ class QLoRA(LoRA):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QLoRA:
-        base = LoRA.from_config({k: v for k, v in config.items() if not k.startswith("peftlab_")})
+        init = config.get("init_lora_weights")
+        plain = {k: v for k, v in config.items() if not k.startswith("peftlab_") and k != "loftq_config"}
+        if init == "loftq":
+            plain["init_lora_weights"] = True
+        base = LoRA.from_config(plain)
         options = {f.name: getattr(base, f.name) for f in dataclasses.fields(LoRA)}
+        if init == "loftq":
+            options["init"] = "loftq"
         return cls.from_options({**options, **dict(config.get("peftlab_quantization") or {})})
 
 
