@@ -486,6 +486,9 @@ class OFT(Method):
             "use_cayley_neumann": self.cayley_neumann,
             "num_cayley_neumann_terms": self.neumann_terms,
             "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+            "auto_mapping": None,
         }
 
     @classmethod
