@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import random
 import re
 from pathlib import Path
 
@@ -318,20 +319,28 @@ def test_file_task_csv_classification_with_split(tmp_path):
     assert task.examples("test") == [Example("awful", 0)]
 
 
-def test_file_task_jsonl_causal_hash_split(tmp_path):
+def test_file_task_jsonl_causal_carves_validation(tmp_path):
     path = tmp_path / "qa.jsonl"
     rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(60)]
+    rows.append({"prompt": "question 7", "response": "another answer 7"})  # a prompt twice: kept together
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     task = get_task("file", data=path)
     assert (task.kind, task.metric, task.default_model) == ("causal-lm", "rouge_l", "smollm2-135m")
     assert task.num_labels is None
     train, val = task.examples("train"), task.examples("validation")
-    expected = {s: [Pair(r["prompt"], r["response"]) for r in rows if hash_split(r["prompt"], (90, 100)) == s]
-                for s in SPLITS}
-    assert (train, val, task.examples("test")) == (expected["train"], expected["validation"], [])
-    assert 0 < len(val) < len(train)  # this file exercises both sides of the split
+    pairs = [Pair(r["prompt"], r["response"]) for r in rows]
+    assert len({p.prompt for p in val}) == 6  # 10 % of the 60 distinct prompts
+    assert sorted(train + val, key=pairs.index) == pairs and train == [p for p in pairs if p in train]
+    assert val == [p for p in pairs if p in val]  # file order kept
     assert not {p.prompt for p in train} & {p.prompt for p in val}
+    assert task.examples("test") == []
+    assert "carved: " in task.origins["validation"]
     assert FileTask(path).examples("validation") == val  # deterministic
+    shuffled = tmp_path / "shuffled.jsonl"
+    order = random.Random(1).sample(rows, len(rows))
+    shuffled.write_text("\n".join(json.dumps(r) for r in order))
+    assert set(FileTask(shuffled).examples("validation")) == set(val)  # the rows decide, not their order
+    assert set(FileTask(path, split_seed=1).examples("validation")) != set(val)
 
 
 def test_file_task_numeric_labels_sort_numerically(tmp_path):
@@ -353,7 +362,8 @@ def test_file_task_numeric_labels_sort_numerically(tmp_path):
     ([["text", "label", "split"], ["a", "x", "train"], ["b", "y", "train"], ["c", "z", "validation"]],
      r"row 3 \(line 4\) \(validation\) has label 'z', which no training row has"),
     ([["text", "label", "split"], ["a", "x", "train"], ["b", "y", "holdout"]], r"row 2 \(line 3\) has split 'holdout'"),
-    ([["text", "label", "split"], ["a", "x", "train"], ["b", "y", "train"]], r"no validation rows"),
+    ([["text", "label", "split"], ["a", "x", "train"], ["b", "y", "train"]],
+     r"no validation rows, and the 2 training rows are too few to carve 10% from"),
     ([["text", "label", "split"], ["a", "x", "train"], ["b", "x", "train"], ["c", "x", "val"]], r"at least 2 labels"),
 ])
 def test_file_task_errors_name_the_column_or_row(tmp_path, rows, message):

@@ -420,12 +420,15 @@ def test_cli_trains_saves_resumes_and_refuses(tmp_path, capsys):
 
 def test_cli_full_fine_tuning_and_user_data(tmp_path, capsys):
     data = tmp_path / "mine.csv"
-    data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    data.write_text("text,label,split\n" + "".join(f"text number {i},{'ab'[i % 2]},{'test' if i % 5 == 0 else 'train'}\n"
+                                                   for i in range(40)))
     run_dir = tmp_path / "full"
     assert cli("--data", str(data), "--model", "tiny-bert", "--method", "full", "--steps", "2", "--batch-size", "4",
                "--no-progress", "--run-dir", str(run_dir)) == 0
-    assert (run_dir / "model" / "config.json").is_file()
-    assert "(100.000%)" in capsys.readouterr().out  # every parameter trains
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()  # 'full' saves like any method
+    out = capsys.readouterr().out
+    assert "100.000% of the base model's" in out  # every parameter trains
+    assert "test split (8 examples)" in out
     assert cli("--task", "chat", "--model", "minilm", "--run-dir", str(tmp_path / "x")) == 2
     assert "needs a causal-lm model" in capsys.readouterr().err
     assert cli("--task", "tweets", "--model", "tiny-bert", "--method", "nope", "--run-dir", str(tmp_path / "y")) == 2
@@ -568,7 +571,9 @@ def test_resume_refuses_changed_training_data(tmp_path, tok):
 def test_cli_resume_refuses_a_changed_data_file(tmp_path, capsys):
     data = tmp_path / "mine.csv"
     data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
-    args = ("--data", str(data), "--model", "tiny-bert", "--batch-size", "4", "--max-length", "24", "--no-progress",
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nheld out one,a\nheld out two,b\n")
+    args = ("--data", str(data), "--test-data", str(test), "--model", "tiny-bert", "--batch-size", "4", "--max-length", "24", "--no-progress",
             "--eval-every", "0", "--run-dir", str(tmp_path / "run"))
     assert cli(*args, "--steps", "2", "--save-every", "2") == 0
     with data.open("a") as f:

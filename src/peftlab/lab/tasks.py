@@ -13,7 +13,9 @@ a batch for a model, and how to score a model on them. Two kinds exist:
   greedy answers.
 
 Tasks: ``tweets`` (:class:`TweetsTask`), ``chat`` (:class:`ChatTask`), and the user's own CSV or
-JSONL file (:class:`FileTask`, ``get_task("file", data="my.csv")``).
+JSONL files (:class:`FileTask`, ``get_task(None, data="my.csv", test_data="test.csv")``): a
+``split`` column or separate validation and test files give the splits, and a missing validation
+split is carved from the training rows (seeded, stratified by label).
 
 Example:
     >>> task = get_task("tweets")
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 import decimal
 import difflib
-import hashlib
 import math
+import os
+import random
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,8 @@ from peftlab.core.errors import ConfigError
 from peftlab.lab import data, metrics
 from peftlab.lab.data import DEFAULT_ENCODING, DataFileError, Example, Pair
 
-__all__ = ["ChatTask", "DataFileError", "FileTask", "Task", "TweetsTask", "get_task", "task_names"]
+__all__ = ["SPLIT_VALUES", "ChatTask", "DataFileError", "DataFiles", "FileTask", "Task", "TweetsTask", "carve", "get_task",
+           "head_modules", "task_names"]
 
 IGNORE_INDEX = -100
 """Label of a token that takes no part in the loss (prompt and padding): PyTorch's default."""
@@ -75,6 +81,24 @@ class Task:
         """The examples of ``split`` (``"train"``, ``"validation"`` or ``"test"``), always in the
         same order."""
         raise NotImplementedError
+
+    def require_test(self) -> None:
+        """Check, before any training, that there is a test split to score the result on.
+
+        Raises:
+            ConfigError: The task has no test examples (the message names the fix).
+        """
+        if not self.examples("test"):
+            raise ConfigError(f"task {self.name!r} has no test examples to score a trained model on; give it a "
+                              "test split")
+
+    def label_counts(self, split: str) -> dict[str, int]:
+        """Examples per class in ``split``, by class name in class-id order (classification only;
+        a class without examples counts 0)."""
+        if self.kind != CLASSIFICATION or self.labels is None:
+            raise ConfigError(f"task {self.name!r} is {self.kind}: it has no classes to count")
+        counts = Counter(e.label for e in self.examples(split))
+        return {name: counts.get(i, 0) for i, name in enumerate(self.labels)}
 
     def collate(self, tokenizer: Any, examples: list, max_length: int) -> dict[str, torch.Tensor]:
         """A padded batch: ``input_ids``, ``attention_mask`` and ``labels``.
@@ -166,105 +190,264 @@ class ChatTask(Task):
 
 # --------------------------------------------------------------------------- user files
 
-_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-                  "val": "validation", "dev": "validation", "test": "test"}
+SPLIT_VALUES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                "val": "validation", "dev": "validation", "test": "test"}
+"""The values a ``split`` column may hold (case and surrounding spaces ignored) and the split each means."""
+VAL_FRACTION = 0.1
+"""Share of the training rows carved out as validation when a file gives no validation rows."""
+SPLIT_SEED = 0
+"""Seed of that carve: fixed, so every method and every run seed is scored on the same rows."""
+
+
+class DataFiles(str):
+    """The user's data files: the main file's path, carrying the optional split files with it.
+
+    It *is* the main file's path (a ``str``), so code that passes a data path along (the bench's
+    worker specs, its result rows, JSON) passes the split files too, and prints or stores the
+    main path; :func:`get_task` reads all three. Equality is the main path's.
+
+    Args:
+        train: The main file (``--data``): its rows are training rows, or, with a ``split``
+            column, whichever split each row names.
+        validation: Optional file of validation rows (``--val-data``).
+        test: Optional file of test rows (``--test-data``).
+    """
+
+    validation: str | None
+    test: str | None
+
+    def __new__(cls, train: str | os.PathLike[str], validation: str | os.PathLike[str] | None = None,
+                test: str | os.PathLike[str] | None = None) -> DataFiles:
+        self = super().__new__(cls, os.fspath(train))
+        self.validation = None if validation is None else os.fspath(validation)
+        self.test = None if test is None else os.fspath(test)
+        return self
+
+    @property
+    def train(self) -> str:
+        return str.__str__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (to the bench's workers) with its split files
+        return (DataFiles, (self.train, self.validation, self.test))
+
+    def __repr__(self) -> str:
+        return f"DataFiles({self.train!r}, validation={self.validation!r}, test={self.test!r})"
 
 
 class FileTask(Task):
-    """The user's own data: a CSV or JSONL file.
+    """The user's own data: a CSV or JSONL file, with optional separate validation and test files.
 
     Columns ``text`` and ``label`` make a classification task (labels are mapped to ids in sorted
     order of the labels seen in the training split); ``prompt`` and ``response`` make a causal-LM
-    task. An optional ``split`` column (``train``, ``validation``/``val``/``dev``, ``test``) fixes
-    the split; without it the rows are split 90/10 into train and validation by a hash of the
-    text or prompt (so ``examples("test")`` is empty). Other columns are ignored. The file is read
-    and checked once, here (see :func:`peftlab.lab.data.read_records`): texts are kept as written
-    but for surrounding whitespace.
+    task. Other columns are ignored. Which split a row is in:
 
-    Labels are normalised so that a class has one name (:func:`peftlab.lab.data.label_value`):
-    ``1``, ``1.0`` and ``"1"`` are the class ``"1"``. Number labels sort numerically, names
-    alphabetically. A file whose labels mix numbers and names (``"1"`` and ``"one"``) is
-    refused: that is the mark of shifted columns or of two spellings of the classes, and no rule
-    can tell which number a name means.
+    * a ``split`` column names it, one of :data:`SPLIT_VALUES` (``train``/``training``,
+      ``validation``/``valid``/``val``/``dev``, ``test``; any case);
+    * without one, every row of the main file is a training row; rows of the ``validation`` and
+      ``test`` files are validation and test rows (a ``split`` column there must agree);
+    * no validation rows at all: :data:`VAL_FRACTION` (10 %) of the training rows are carved out
+      as validation (:func:`carve`): seeded (:data:`SPLIT_SEED`), stratified by label for
+      classification (each class keeps its share), rows with the same text (prompt) kept together.
+
+    A split given twice (a ``split`` column with test rows *and* a test file) is refused. A
+    missing test split is allowed here (``examples("test")`` is empty) and refused by
+    :meth:`require_test`, which ``peftlab train`` and ``peftlab bench`` call before training.
+
+    The files are read and checked once, here (see :func:`peftlab.lab.data.read_records`): texts
+    are kept as written but for surrounding whitespace. Labels are normalised so that a class has
+    one name (:func:`peftlab.lab.data.label_value`): ``1``, ``1.0`` and ``"1"`` are the class
+    ``"1"``. Number labels sort numerically, names alphabetically. Files whose labels mix numbers
+    and names (``"1"`` and ``"one"``) are refused: that is the mark of shifted columns or of two
+    spellings of the classes, and no rule can tell which number a name means.
 
     Args:
-        path: The ``.csv``, ``.jsonl`` or ``.ndjson`` file.
-        encoding: The file's text encoding, any Python codec name (default UTF-8, with or
+        path: The main ``.csv``, ``.jsonl`` or ``.ndjson`` file.
+        encoding: The files' text encoding, any Python codec name (default UTF-8, with or
             without a byte-order mark); e.g. ``"cp1252"`` for a file saved by Excel on Windows.
+        validation: Optional file of validation rows.
+        test: Optional file of test rows.
+        val_fraction: Share of the training rows carved out when there are no validation rows.
+        split_seed: Seed of that carve.
+
+    Attributes:
+        origins: Where each split came from, in words (``{"validation": "carved: ..."}``).
 
     Raises:
-        DataFileError: (a :class:`~peftlab.core.errors.ConfigError`) The file is missing, empty,
+        DataFileError: (a :class:`~peftlab.core.errors.ConfigError`) A file is missing, empty,
             of another format, not valid in its encoding, not valid CSV/JSONL, has a row with the
             wrong number of fields, lacks a column, has an empty value or a missing label (empty,
-            null, NaN), labels that mix numbers and names, an unknown split or, in validation or
-            test, a label not seen in training; the message names the file and the column or row.
+            null, NaN), labels that mix numbers and names, an unknown split, a split given twice,
+            too few rows to carve a validation split or, in validation or test, a label not seen
+            in training; the message names the file and the column or row.
     """
 
-    def __init__(self, path: str | Path, encoding: str = DEFAULT_ENCODING) -> None:
+    def __init__(self, path: str | Path, encoding: str = DEFAULT_ENCODING, *, validation: str | Path | None = None,
+                 test: str | Path | None = None, val_fraction: float = VAL_FRACTION,
+                 split_seed: int = SPLIT_SEED) -> None:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.path = Path(path)
         self.name = self.path.stem
         self.encoding = encoding
-        records, columns = data.read_records(self.path, encoding)
-        self.kind = _file_kind(self.path, columns)
-        if self.kind == CLASSIFICATION:
+        roles = {"train": self.path, "validation": None if validation is None else Path(validation),
+                 "test": None if test is None else Path(test)}
+        self.files = {role: file for role, file in roles.items() if file is not None}
+        parsed: dict[str, list[_Row]] = {s: [] for s in SPLITS}
+        kinds: dict[bool, _Row] = {}  # is a number -> the first row with such a label
+        self.origins: dict[str, str] = {}
+        kind: str | None = None
+        for role, file in self.files.items():
+            records, columns = data.read_records(file, encoding)
+            file_kind = _file_kind(file, columns)
+            if kind is not None and file_kind != kind:
+                raise DataFileError(f"{file} is a {file_kind} file but {self.path} is a {kind} file; give every "
+                                    "split the same columns")
+            kind = file_kind
+            has_split = "split" in columns
+            found = {s: 0 for s in SPLITS}
+            for record in records:
+                row = _parse_row(file, record, kind)
+                if has_split:
+                    split = _row_split(file, record.where, record.values.get("split"))
+                    if role != "train" and split != role:
+                        raise DataFileError(f"{file}: {record.where} has split {record.values.get('split')!r}, but "
+                                            f"the file was given for the {role} split; drop its 'split' column or "
+                                            f"fix the row")
+                else:
+                    split = role
+                if kind == CLASSIFICATION:
+                    kinds.setdefault(row.is_number, row)
+                found[split] += 1
+                parsed[split].append(row)
+            for split, n in found.items():
+                if not n:
+                    continue
+                if split in self.origins:
+                    raise DataFileError(
+                        f"{file} gives {n} {split} rows, and so does {self.origins[split]}; give each split once "
+                        f"(drop the {split} rows from the 'split' column, or the separate {split} file)")
+                self.origins[split] = (f"the 'split' column of {file}" if has_split and role == "train" else str(file))
+        assert kind is not None
+        self.kind = kind
+        if kind == CLASSIFICATION:
             self.default_model, self.metric = "minilm", "accuracy"
         else:
             self.default_model, self.metric = "smollm2-135m", "rouge_l"
-        has_split = "split" in columns
-        parsed: dict[str, list[tuple[str, str, data.Record]]] = {s: [] for s in SPLITS}
-        kinds: dict[bool, data.Record] = {}  # is a number -> the first record with such a label
-        for record in records:
-            if self.kind == CLASSIFICATION:
-                first = data.text_value(self.path, record, "text")
-                second, is_number = data.label_value(self.path, record, "label")
-                kinds.setdefault(is_number, record)
-            else:
-                first = data.text_value(self.path, record, "prompt")
-                second = data.text_value(self.path, record, "response")
-            split = _row_split(self.path, record.where, record.values.get("split")) if has_split else _file_split(first)
-            parsed[split].append((first, second, record))
         if len(kinds) == 2:
             number, name = kinds[True], kinds[False]
             raise DataFileError(
-                f"{self.path}: the labels mix numbers and names: {number.where} has "
-                f"{number.values['label']!r}, {name.where} has {name.values['label']!r}. Use one kind for every "
-                "row; if some rows have words as labels, check that their text is quoted (a comma in an unquoted "
-                "text shifts the columns)")
+                f"{self.path}: the labels mix numbers and names: {self._where(number)} has "
+                f"{number.record.values['label']!r}, {self._where(name)} has "
+                f"{name.record.values['label']!r}. Use one kind for every row; if some rows have words as labels, "
+                "check that their text is quoted (a comma in an unquoted text shifts the columns)")
         if not parsed["train"]:
-            raise DataFileError(f"{self.path}: no training rows; "
-                                + ("give some rows split 'train'" if has_split else "add rows"))
+            raise DataFileError(f"{self.path}: no training rows; give some rows split 'train' (or leave out the "
+                                "'split' column: then every row of the file trains)")
         if not parsed["validation"]:
-            hint = ("give some rows split 'validation'" if has_split else
-                    f"the 90/10 split put all {len(records)} rows into train: add rows, or add a 'split' column "
-                    "with some 'validation' rows")
-            raise DataFileError(f"{self.path}: no validation rows; {hint}")
+            keep, carved = carve(parsed["train"], val_fraction, split_seed,
+                                 stratify=kind == CLASSIFICATION)
+            if not carved:
+                raise DataFileError(
+                    f"{self.path}: no validation rows, and the {len(parsed['train'])} training rows are too few to "
+                    f"carve {val_fraction:.0%} from (every class needs 2 distinct texts); add rows, pass --val-data "
+                    "FILE, or give some rows split 'validation'")
+            parsed["train"], parsed["validation"] = keep, carved
+            how = "stratified by label, " if kind == CLASSIFICATION else ""
+            self.origins["validation"] = (f"carved: {len(carved)} of the {len(keep) + len(carved)} training rows "
+                                          f"({how}seed {split_seed})")
         self._examples: dict[str, list] = {}
-        if self.kind == CLASSIFICATION:
-            self.labels = _sorted_labels({label for _, label, _ in parsed["train"]}, numbers=True in kinds)
+        if kind == CLASSIFICATION:
+            self.labels = _sorted_labels({r.second for r in parsed["train"]}, numbers=True in kinds)
             if len(self.labels) < 2:
                 raise DataFileError(f"{self.path}: the training rows have only the label {self.labels[0]!r}; "
                                     "a classifier needs at least 2 labels")
             self.num_labels = len(self.labels)
             ids = {label: i for i, label in enumerate(self.labels)}
-            for split, items in parsed.items():
+            for split, rows in parsed.items():
                 out = []
-                for text, label, record in items:
-                    if label not in ids:
+                for row in rows:
+                    if row.second not in ids:
                         raise DataFileError(
-                            f"{self.path}: {record.where} ({split}) has label {label!r}, which no training row has "
-                            f"(training labels: {', '.join(self.labels)}); fix the label or add training rows "
-                            "with it")
-                    out.append(Example(text, ids[label]))
+                            f"{row.file}: {row.record.where} ({split}) has label {row.second!r}, which no training "
+                            f"row has (training labels: {', '.join(self.labels)}); fix the label or add training "
+                            "rows with it")
+                    out.append(Example(row.first, ids[row.second]))
                 self._examples[split] = out
         else:
-            self._examples = {s: [Pair(p, r) for p, r, _ in items] for s, items in parsed.items()}
+            self._examples = {s: [Pair(r.first, r.second) for r in rows] for s, rows in parsed.items()}
 
     def examples(self, split: str) -> list:
         _check_split(split)
         return list(self._examples[split])
 
+    def _where(self, row: _Row) -> str:
+        return row.record.where if row.file == self.path else f"{row.file} {row.record.where}"
+
+    def require_test(self) -> None:
+        if not self._examples["test"]:
+            raise DataFileError(
+                f"{self.path}: no test rows, so nothing could score the trained model (it would train and then "
+                "fail). Pass a file of test rows with --test-data FILE (same columns), or add a 'split' column "
+                f"whose values are {_split_spellings()}")
+
     def __repr__(self) -> str:
         return f"FileTask(path={str(self.path)!r}, kind={self.kind!r})"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One parsed row: text and label (or prompt and response), whether the label is a number,
+    and where it came from."""
+
+    first: str
+    second: str
+    is_number: bool
+    file: Path
+    record: data.Record
+
+
+def _parse_row(file: Path, record: data.Record, kind: str) -> _Row:
+    if kind == CLASSIFICATION:
+        text = data.text_value(file, record, "text")
+        label, is_number = data.label_value(file, record, "label")
+        return _Row(text, label, is_number, file, record)
+    return _Row(data.text_value(file, record, "prompt"), data.text_value(file, record, "response"), False, file,
+                record)
+
+
+def carve(rows: Sequence[_Row], fraction: float, seed: int, *, stratify: bool) -> tuple[list[_Row], list[_Row]]:
+    """Split ``rows`` into (train, validation), both in the rows' order.
+
+    Rows with the same text (prompt) form one group, so a text is never in both splits. With
+    ``stratify`` the groups are split per label (a group's label is its first row's): each
+    label gives ``round(fraction * n)`` of its ``n`` groups, at least 1 and at most ``n - 1``
+    (a label with one group gives none), so validation has every class in its training share.
+    Without it, all groups form one stratum. Within a stratum the groups are sorted by text
+    and shuffled by ``random.Random(seed)``, so the carve depends on the rows, not their order.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.first, []).append(i)
+    strata: dict[str, list[str]] = {}
+    for text, members in groups.items():
+        strata.setdefault(rows[members[0]].second if stratify else "", []).append(text)
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for label in sorted(strata):
+        texts = sorted(strata[label])
+        rng.shuffle(texts)
+        n = len(texts)
+        k = min(max(int(fraction * n + 0.5), 1), n - 1)
+        for text in texts[:k]:
+            chosen.update(groups[text])
+    return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])
+
+
+def _split_spellings() -> str:
+    by_split: dict[str, list[str]] = {}
+    for value, split in SPLIT_VALUES.items():
+        by_split.setdefault(split, []).append(value)
+    return "; ".join(f"{split}: {' or '.join(values)}" for split, values in by_split.items())
 
 
 def _file_kind(path: Path, columns: Sequence[str]) -> str:
@@ -284,16 +467,10 @@ def _file_kind(path: Path, columns: Sequence[str]) -> str:
 
 
 def _row_split(path: Path, where: str, value: Any) -> str:
-    split = _SPLIT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
+    split = SPLIT_VALUES.get(value.strip().lower()) if isinstance(value, str) else None
     if split is None:
-        raise DataFileError(f"{path}: {where} has split {value!r}; use train, validation (or val, dev) or test")
+        raise DataFileError(f"{path}: {where} has split {value!r}; use {_split_spellings()}")
     return split
-
-
-def _file_split(text: str) -> str:
-    """Deterministic 90/10 train/validation split from a hash of the text."""
-    bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 90 else "validation"
 
 
 def _sorted_labels(labels: set[str], *, numbers: bool) -> tuple[str, ...]:
@@ -304,6 +481,8 @@ def _sorted_labels(labels: set[str], *, numbers: bool) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- registry
 
 TASKS: dict[str, type[Task]] = {"chat": ChatTask, "tweets": TweetsTask}
+FILE = "file"
+"""The task name of a user's data file (``--task file``; ``--data`` alone implies it)."""
 
 
 def task_names() -> list[str]:
@@ -311,29 +490,53 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def get_task(name: str | None, data: str | Path | None = None, *, encoding: str = DEFAULT_ENCODING) -> Task:
-    """A task by name, or the user's own file.
+def get_task(name: str | None, data: str | Path | DataFiles | None = None, *, encoding: str = DEFAULT_ENCODING,
+             val_data: str | Path | None = None, test_data: str | Path | None = None) -> Task:
+    """A task by name, or the user's own files.
 
     Args:
-        name: One of :func:`task_names`; with ``data``, ``"file"``, the file's stem or ``None``.
-        data: Path of a CSV or JSONL file (see :class:`FileTask`).
-        encoding: The text encoding of ``data`` (any Python codec name; default UTF-8).
+        name: One of :func:`task_names`; with ``data``, ``"file"``, the file's stem or ``None``
+            (a data file implies the file task).
+        data: Path of a CSV or JSONL file (see :class:`FileTask`), or a :class:`DataFiles`.
+        encoding: The text encoding of the files (any Python codec name; default UTF-8).
+        val_data: Optional file of validation rows (with ``data``).
+        test_data: Optional file of test rows (with ``data``).
 
     Raises:
         ConfigError: Unknown task (the message lists the known ones), a built-in task name
-            together with ``data``, or a bad data file.
+            together with ``data``, ``val_data``/``test_data`` without ``data``, or a bad data file.
     """
+    if isinstance(data, DataFiles):
+        if val_data is not None or test_data is not None:
+            raise ConfigError("give the validation and test files either in DataFiles or as val_data/test_data, "
+                              "not both")
+        data, val_data, test_data = data.train, data.validation, data.test
+    if data is None and (val_data is not None or test_data is not None):
+        raise ConfigError("--val-data and --test-data add splits to --data FILE; pass the training file with "
+                          "--data too")
     if data is not None:
         if name in TASKS:
             raise ConfigError(f"task {name!r} is built in and reads no data file; leave out the task name "
-                              "(or use 'file') to train on your own file")
-        return FileTask(data, encoding)
+                              f"(or use {FILE!r}) to train on your own file")
+        return FileTask(data, encoding, validation=val_data, test=test_data)
     if name in TASKS:
         return TASKS[name]()
+    if name == FILE:
+        raise ConfigError("task 'file' reads your data file; pass it with --data FILE (data=...)")
     close = difflib.get_close_matches(str(name), task_names(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(task_names())}; "
                       "or pass data=<file.csv|file.jsonl> (--data) for your own data")
+
+
+def head_modules(model: nn.Module, task: Task) -> list[str]:
+    """The new head a classification task must train (the last ``nn.Linear`` with
+    ``num_labels`` outputs), for ``modules_to_save``; none for a causal LM, whose head is the
+    pretrained output embedding."""
+    if task.kind != CLASSIFICATION:
+        return []
+    heads = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == task.num_labels]
+    return heads[-1:]
 
 
 # --------------------------------------------------------------------------- batching

@@ -1,11 +1,12 @@
-"""``peftlab train``: fine-tune an embedded model on a task with one method (or in full).
+"""``peftlab train``: fine-tune an embedded model on a task with one method.
 
 Examples::
 
     peftlab train --task tweets --method lora --opt r=8 --opt 'target_modules=["query","value"]' --lr 1e-3
     peftlab train --task chat --method lora --steps 100 --save-every 25 --run-dir runs/chat
     peftlab train --task chat --run-dir runs/chat --resume          # continue after an interruption
-    peftlab train --data my.csv --model minilm --method full --lr 5e-5
+    peftlab train --data my.csv --method full                       # a split column with test rows
+    peftlab train --data train.csv --test-data test.csv --method lora
     torchrun --nproc_per_node 4 -m peftlab.cli train --task chat --method lora --strategy ddp
     torchrun --nproc_per_node 8 -m peftlab.cli train --task chat --method full --strategy fsdp
 
@@ -13,10 +14,22 @@ Under ``torchrun`` (or ``accelerate launch``) every process runs this command; `
 is the global micro-batch (each of N processes takes 1/N of it), and rank 0 alone writes the run
 directory and prints. See ``docs/scaling.md``.
 
-The run directory holds ``run.json`` (what was trained, with the size and sha256 of a ``--data``
-file), ``checkpoints/step-<N>/``, the adapter (``adapter/``, written with :func:`peftlab.save`;
-``model/`` with ``save_pretrained`` for ``--method full``; each swapped in as a whole folder) and
-``result.json`` (the :class:`~peftlab.lab.trainer.TrainResult`). Two files of peftlab's own:
+Data: ``--task`` names a built-in task; ``--data FILE`` alone is the user's file (the task
+``file``), with ``--val-data`` and ``--test-data`` for separate split files (see
+:class:`peftlab.lab.tasks.FileTask`). A task without test examples is refused before any model
+is loaded, and the run ends by scoring the test split next to the label counts, the
+majority-class and chance baselines and the budget as a fraction of an epoch, with a warning
+when the score does not beat the majority class by more than its sampling margin.
+
+"% of base" is :attr:`peftlab.Summary.percent`: trainable parameters over the base model's
+parameters (adapter tensors not counted, quantized weights at their logical size), the figure
+papers report and the one ``peftlab bench`` shows.
+
+The run directory holds ``run.json`` (what was trained, with the size and sha256 of each data
+file), ``checkpoints/step-<N>/``, the trained tensors (``adapter/``, written with
+:func:`peftlab.save` and swapped in as a whole folder; for ``full`` every base tensor) and
+``result.json`` (the :class:`~peftlab.lab.trainer.TrainResult` with ``test``, the test scores).
+Two files of peftlab's own:
 ``.peftlab-run`` marks a folder that peftlab created (``--overwrite`` deletes only what it wrote,
 and only in such a folder), and ``.peftlab-lock`` is held (``flock``) for the whole command, so a
 second ``peftlab train`` into the same folder fails at once.
@@ -29,6 +42,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import types
@@ -38,19 +52,28 @@ from typing import Any
 
 from peftlab.core import files
 from peftlab.core.errors import ConfigError
-from peftlab.lab import distributed
-from peftlab.lab.bench import head_modules, learning_rate
+from peftlab.lab import distributed, metrics
 from peftlab.lab.distributed import STRATEGIES
-from peftlab.lab.tasks import get_task, task_names
-from peftlab.lab.trainer import LOCK_FILE, PRECISIONS, SCHEDULES, TrainConfig, hold_run_dir, train
+from peftlab.lab.data_cli import add_data_arguments, data_task
+from peftlab.lab.tasks import CLASSIFICATION, head_modules
+from peftlab.lab.trainer import (
+    LOCK_FILE,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    TrainResult,
+    hold_run_dir,
+    score,
+    subset,
+    train,
+)
 
-FULL = "full"
-"""Full fine-tuning: no adapter, every parameter trains."""
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 MARKER = ".peftlab-run"
 """Written into a run directory that peftlab created (or found empty): --overwrite needs it."""
-_OWNED = ("checkpoints", "adapter", "model", RUN_FILE, RESULT_FILE)  # what --overwrite may delete
+_OWNED = ("checkpoints", "adapter", "model", RUN_FILE, RESULT_FILE)  # what --overwrite may delete ("model":
+# where earlier releases saved a fully fine-tuned model)
 _OURS = (LOCK_FILE, MARKER)  # peftlab's bookkeeping: not a sign of an earlier run
 
 _HELP = {
@@ -87,12 +110,9 @@ def _optional_int(text: str) -> int | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``peftlab train``'s options to ``parser`` (one flag per :class:`TrainConfig` field)."""
     what = parser.add_argument_group("what to train")
-    what.add_argument("--task", help=f"built-in task: {', '.join(task_names())} (or use --data)")
-    what.add_argument("--data", metavar="FILE", help="your own .csv or .jsonl: columns text,label (classification) "
-                      "or prompt,response (causal LM), optionally split")
-    what.add_argument("--encoding", default="utf-8", help="text encoding of --data (e.g. cp1252, latin-1)")
+    add_data_arguments(what)
     what.add_argument("--model", help="embedded model name (default: the task's default model)")
-    what.add_argument("--method", default="lora", help=f"a registered method or '{FULL}' (default: lora)")
+    what.add_argument("--method", default="lora", help="a registered method, e.g. lora, bitfit or full (default: lora)")
     what.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                       help="method option with a JSON value, repeatable (e.g. --opt r=8 "
                            "--opt 'target_modules=[\"query\",\"value\"]')")
@@ -103,8 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         kw: dict[str, Any] = {"default": f.default, "help": f"{_HELP.get(f.name, '')} (default: {f.default})"}
         if f.name == "lr":  # resolved per method in run(): soft prompts and full fine-tuning differ by 1000x
-            kw = {"default": None, "help": "peak learning rate (default: the method's suggested_lr; full: "
-                                           "5e-05)"}
+            kw = {"default": None, "help": "peak learning rate (default: the method's suggested_lr, e.g. lora "
+                                           "1e-3, full 5e-5)"}
         if kind is bool:
             how.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "schedule":
@@ -117,6 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             how.add_argument(flag, type=_optional_int, metavar="N", **kw)
         else:
             how.add_argument(flag, type=kind, **kw)
+    how.add_argument("--test-examples", type=_optional_int, metavar="N", default=None,
+                     help="test examples scored at the end, a seeded sample ('none': all; default: all)")
     run = parser.add_argument_group("run directory")
     run.add_argument("--run-dir", help="where checkpoints, the adapter and results go "
                                        "(default: runs/<task>-<model>-<method>)")
@@ -251,24 +273,21 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
     import peftlab
 
-    if not args.task and not args.data:
-        raise ConfigError(f"say what to train on: --task ({', '.join(task_names())}) or --data FILE")
-    task = get_task(args.task, args.data, encoding=args.encoding)
+    task = data_task(args)
     model_name = args.model or task.default_model
     _model_kind_check(task, model_name)
-    if args.method != FULL:
-        peftlab.method_class(args.method)  # an unknown method fails here, before any loading
+    method = peftlab.method_class(args.method)  # an unknown method fails here, before any loading
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["lr"] is None:
-        values["lr"] = learning_rate(args.method)
+        values["lr"] = float(method.suggested_lr)
     config = TrainConfig(**values)
     options = parse_options(args.opt)
-    if args.method == FULL and options:
-        raise ConfigError(f"--method {FULL} takes no --opt (got {sorted(options)})")
     run_dir = Path(args.run_dir or f"runs/{task.name}-{model_name}-{args.method}")
-    record = {"task": task.name, "data": str(Path(args.data).resolve()) if args.data else None, "model": model_name,
-              "method": args.method, "options": dict(options),
-              "data_file": data_file_fingerprint(args.data) if args.data else None}
+    record = {"task": task.name, "data": _resolved(args.data), "model": model_name, "method": args.method,
+              "options": dict(options), "data_file": data_file_fingerprint(args.data) if args.data else None}
+    for key in ("val_data", "test_data"):  # recorded only when given, so older run directories still resume
+        if getattr(args, key):
+            record[key] = {"path": _resolved(getattr(args, key)), **data_file_fingerprint(getattr(args, key))}
     existed = run_dir.exists()
     with hold_run_dir(run_dir, dist):  # a second writer fails here, at once
         try:
@@ -277,6 +296,10 @@ def _run(args: argparse.Namespace, dist: distributed.Dist) -> int:
             if dist.is_main and not existed:
                 _discard(run_dir)
             raise
+
+
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def _discard(run_dir: Path) -> None:
@@ -305,41 +328,37 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
                           "SmolLM2's once `peftlab prepare smollm2-135m` has run); pick another --model")
     model.to(distributed.device_for(dist))
     say = print if dist.is_main else (lambda *a, **k: None)
-    if args.method == FULL:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        if "modules_to_save" not in options:
-            heads = head_modules(model, task)
-            if heads:
-                options["modules_to_save"] = heads
-                say(f"peftlab: training the new classification head {heads[0]!r} in full (modules_to_save)")
-        torch.manual_seed(config.seed)  # adapter initialisation (the same on every rank)
-        peftlab.attach(model, args.method, **options)
+    if "modules_to_save" not in options:
+        heads = head_modules(model, task)
+        if heads:
+            options["modules_to_save"] = heads
+            say(f"peftlab: training the new classification head {heads[0]!r} in full (modules_to_save)")
+    torch.manual_seed(config.seed)  # adapter initialisation (the same on every rank)
+    peftlab.attach(model, args.method, **options)
     distributed.check_strategy(model, config.strategy)  # before anything is written
     if dist.is_main:
         _start_run_dir(run_dir, record, clear=used and args.overwrite)
     dist.barrier()
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    counts = peftlab.summary(model)
     where = f" on {dist.world} processes ({config.strategy})" if dist.active else ""
-    say(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {trainable:,} trainable "
-        f"parameters of {total:,} ({100 * trainable / total:.3f}%){where}; run directory {run_dir}")
+    say(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {counts.trainable:,} trainable "
+        f"parameters, {counts.percent:.3f}% of the base model's {counts.base:,}{where}; run directory {run_dir}")
+    for split, origin in getattr(task, "origins", {}).items():
+        say(f"peftlab: {split} split: {origin}")
     result = train(model, tokenizer, task, config, run_dir=run_dir, resume=args.resume)
+    test = subset(task.examples("test"), args.test_examples, 0)  # the bench's sample for the same N
+    test_scores = score(model, tokenizer, task, test, config)  # every rank: a sharded model evaluates together
 
-    saved = run_dir / ("model" if args.method == FULL else "adapter")
+    saved = run_dir / "adapter"
     with distributed.full_parameters(model):  # FSDP2: every rank gathers, rank 0 writes
-        if dist.is_main and args.method == FULL:
-            with files.replace_folder(saved, "the model") as tmp:  # swapped in whole, like an adapter
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        elif dist.is_main:
+        if dist.is_main:
             peftlab.save(model, saved)
     dist.barrier()
     if not dist.is_main:
         return 0
-    _write_json(run_dir / RESULT_FILE, result.to_dict())
+    _write_json(run_dir / RESULT_FILE, {**result.to_dict(), "test": test_scores, "test_examples": len(test),
+                                        "percent_of_base": counts.percent})
 
     print(f"\n{result.steps} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step, "
           f"{result.tokens_per_second:,.0f} tokens/s)")
@@ -347,7 +366,55 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
     for key, value in result.final.items():
         print(f"  {key:<12} {value:.4f}")
     if result.overfitting:
-        print("  overfitting: training loss fell while validation loss rose above its best; "
-              "see the evaluations in result.json")
+        print("  overfitting: the validation loss rose above its best by more than its noise while the training "
+              "loss fell; see the evaluations in result.json")
+    print()
+    print("\n".join(test_report(task, result, config, test, test_scores)))
     print(f"saved to {saved}")
     return 0
+
+
+def test_report(task: Any, result: TrainResult, config: TrainConfig, test: list, scores: dict[str, float]) -> list[str]:
+    """The lines ``peftlab train`` ends with: the test scores beside what they must be read against.
+
+    For every task: the test scores (classification: accuracy and macro-F1) and the budget as
+    a fraction of an epoch. For classification also the label counts of the training and test
+    splits, the majority-class baseline (always answering the test split's most frequent class:
+    the best a model that learned nothing can score) and the chance baseline (uniform guessing),
+    and a warning when the accuracy does not beat the majority class by more than
+    :func:`~peftlab.lab.metrics.binomial_margin` (2 standard errors at this many test examples).
+    """
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    lines = [f"test split ({len(test):,} examples): {shown}"]
+    per_step = config.batch_size * config.grad_accum
+    lines.append(f"  budget: {result.steps} steps x {per_step} examples = {result.steps * per_step:,} examples, "
+                 f"{result.epochs:.2f} of an epoch of {result.train_size:,} training examples")
+    if task.kind != CLASSIFICATION:
+        lines.append("  baselines: none for a causal LM here; compare with the base model's scores "
+                     f"(peftlab bench --task {task.name})")
+        return lines
+    names = task.labels
+    test_labels = [e.label for e in test]
+
+    def counts(labels: list[int]) -> str:
+        c = metrics.label_counts(labels)
+        return ", ".join(f"{names[i]} {c.get(i, 0):,} ({c.get(i, 0) / len(labels):.1%})" for i in range(len(names)))
+
+    train_labels = [e.label for e in subset(task.examples("train"), config.train_examples, config.seed)]
+    lines.append(f"  labels: train {counts(train_labels)}; test {counts(test_labels)}")
+    majority = metrics.majority_baseline(test_labels, num_classes=task.num_labels)
+    chance = metrics.chance_baseline(task.num_labels, test_labels)
+    lines.append(f"  baselines on test: majority class (always {names[majority.predicted_class]!r}) accuracy "
+                 f"{majority.accuracy:.4f} macro_f1 {majority.macro_f1:.4f}; chance (uniform over {task.num_labels}) "
+                 f"accuracy {chance.accuracy:.4f} macro_f1 {chance.macro_f1:.4f}")
+    margin = metrics.binomial_margin(majority.accuracy, len(test))
+    accuracy = scores["accuracy"]
+    if accuracy <= majority.accuracy + margin:
+        how = "is at or below" if accuracy <= majority.accuracy else f"is within {margin:.4f} (2 standard errors) of"
+        lines.append("")
+        lines.append(f"WARNING: the test accuracy {accuracy:.4f} {how} the majority-class baseline "
+                     f"{majority.accuracy:.4f}: this result is no evidence that the model learned more than the "
+                     f"label counts (macro_f1 {scores.get('macro_f1', math.nan):.4f} vs {majority.macro_f1:.4f}). "
+                     f"The budget was {result.epochs:.2f} of an epoch: train longer (--steps), try another --lr, "
+                     "or check the labels.")
+    return lines
