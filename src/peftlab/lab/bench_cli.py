@@ -30,9 +30,9 @@ def check_overwrite(run_dir: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="embedded model name (default: the task's default model)")
-    p.add_argument("--task", default="tweets", help="tweets | chat | a name for --data")
-    p.add_argument("--data", help="your own CSV/JSONL (text,label or prompt,response columns)")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (e.g. cp1252, latin-1)")
+    from peftlab.lab.data_cli import add_data_arguments
+
+    add_data_arguments(p, task_default="tweets")  # --task, --data, --val-data, --test-data, --encoding
     p.add_argument("--methods", nargs="*", help="methods to compare (default: every applicable one; full is "
                                                 "always added as the reference)")
     p.add_argument("--profile", default="default", help="default | full (3 seeds, more data) | smoke")
@@ -55,14 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftlab.lab.bench import BenchConfig
     from peftlab.lab.bench import run as bench
+    from peftlab.lab.data_cli import data_files, data_task
 
+    task = data_task(args, default="tweets")  # a bad file or a missing test split fails here, before training
     fields = ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "test_examples", "seeds")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    name = args.name or f"{args.task}-{args.model or 'default'}-{args.profile}" + ("-custom" if overrides else "")
+    name = args.name or f"{task.name}-{args.model or 'default'}-{args.profile}" + ("-custom" if overrides else "")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
     if args.overwrite:
         check_overwrite(run_dir)
-    bench(BenchConfig(model=args.model, task=args.task, data=args.data, encoding=args.encoding,
+    bench(BenchConfig(model=args.model, task=None if args.data else task.name, data=data_files(args),
+                      encoding=args.encoding,
                       methods=args.methods,
                       profile=args.profile, vs_peft=args.vs == "peft", run_dir=run_dir, resume=args.resume,
                       overwrite=args.overwrite, options=json.loads(args.options),
