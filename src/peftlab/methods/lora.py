@@ -443,8 +443,12 @@ class LoRA(Method):
 
         targets = config.get("target_modules")
         layers = config.get("layers_to_transform")
-        if isinstance(targets, str) or layers == []:
-            layers = None  # peft applies layers_to_transform to list targets only
+        if isinstance(targets, str) and layers not in (None, []):
+            raise ConfigError("this peft LoRA config has layers_to_transform with a regular-expression target_modules "
+                              f"({targets!r}); peft refuses that combination, so it was not loaded. Put the layer "
+                              "indices into the expression, or list the module names")
+        if layers == []:
+            layers = None
         pattern = config.get("layers_pattern") or ()
         return cls(
             r=int(config.get("r", 8)),
