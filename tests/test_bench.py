@@ -29,10 +29,7 @@ def rescored(row: dict[str, Any], run_dir: Path) -> dict[str, float]:
     task = get_task(row["task"])
     saved = run_dir / f"{row['method']}-{row['impl']}-seed{row['seed']}" / "adapter"
     model, tok = models.load(row["model"], num_labels=task.num_labels, seed=row["seed"])
-    if row["method"] == "full":
-        model = type(model).from_pretrained(saved)
-    else:
-        peftlab.load(model, saved)
+    peftlab.load(model, saved)  # full fine-tuning too: a registered method, saved as any other
     examples = subset(task.examples("test"), row["budget"]["test_examples"], 0)
     batch = task.collate(tok, examples, row["budget"]["max_length"])
     model.eval()
@@ -44,7 +41,8 @@ def rescored(row: dict[str, Any], run_dir: Path) -> dict[str, float]:
         tp = sum(p == c and r == c for p, r in zip(predictions, references))
         fp, fn = predictions.count(c) - tp, references.count(c) - tp
         f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(examples),
+    return {"predictions": predictions, "references": references,
+            "accuracy": sum(p == r for p, r in zip(predictions, references)) / len(examples),
             "macro_f1": sum(f1s) / len(f1s),
             "loss": float(torch.nn.functional.cross_entropy(logits, batch["labels"]))}
 
@@ -54,6 +52,8 @@ def assert_row_matches_what_it_saved(row: dict[str, Any], run_dir: Path) -> None
     assert row["score"] == row["test_metrics"]["accuracy"] == pytest.approx(again["accuracy"], abs=1e-12), row["method"]
     assert row["test_metrics"]["macro_f1"] == pytest.approx(again["macro_f1"], rel=1e-9), row["method"]
     assert row["test_metrics"]["loss"] == pytest.approx(again["loss"], rel=1e-5), row["method"]
+    # the stored predictions (the report bootstraps over them) are the saved model's
+    assert row["test_predictions"] == again["predictions"] and row["data"]["test_labels"] == again["references"]
     saved = run_dir / f"{row['method']}-{row['impl']}-seed{row['seed']}" / "adapter"
     assert row["checkpoint_bytes"] == sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
 
@@ -72,13 +72,16 @@ def test_applicability_is_decided_by_attaching():
     assert "no bias" in llama["bitfit"]
 
 
-def test_bench_smoke_two_methods(tmp_path):
+def test_bench_smoke_two_methods(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # galore's default rank is clamped on a width-32 model
-        rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "galore"], profile="smoke",
+        rows = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "galore", "full"], profile="smoke",
                                run_dir=run_dir))
-    assert {(r["method"], r["impl"]) for r in rows} == {("full", "peftlab"), ("lora", "peftlab"), ("galore", "peftlab")}
+    out = capsys.readouterr().out
+    # full fine-tuning is a registered method: run once, like the others
+    assert sorted((r["method"], r["impl"]) for r in rows) == [("full", "peftlab"), ("galore", "peftlab"),
+                                                              ("lora", "peftlab")]
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     parsed = [json.loads(x) for x in lines]
     assert len(parsed) == 3 and all("error" not in r for r in parsed), [r.get("error") for r in parsed]
@@ -89,17 +92,36 @@ def test_bench_smoke_two_methods(tmp_path):
 
     galore_file = load_file(run_dir / "galore-peftlab-seed0" / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in galore_file.values()) == by["full"]["trainable"]  # the full model is saved
+    from peftlab import models
+    from peftlab.lab.tasks import get_task
+    from peftlab.lab.trainer import subset
+
+    task = get_task("tweets")
+    base_params = sum(p.numel() for p in models.load("tiny-bert", num_labels=3, with_tokenizer=False)[0].parameters())
+    train = subset(task.examples("train"), 64, 0)
+    test = subset(task.examples("test"), 8, 0)
     for r in parsed:
-        for key in ("trainable", "percent", "seconds_per_step", "tokens_per_second", "peak_train_rss", "score",
-                    "latency_ms_b1", "checkpoint_bytes", "peak_infer_rss", "env"):
-            assert key in r or f"{key}_unmerged" in r, (r["method"], key)
+        for key in ("trainable", "percent", "train_seconds", "train_cpu_seconds", "peak_train_rss", "score",
+                    "checkpoint_bytes", "env", "load", "wall_seconds", "test_predictions"):
+            assert r.get(key) is not None, (r["method"], key)
         assert r["env"]["torch"] == torch.__version__ and r["env"]["threads"] == torch.get_num_threads()
+        assert r["percent"] == 100.0 * r["trainable"] / base_params  # peftlab.summary's denominator: the base
+        # the data facts, counted here from the same samples
+        assert r["data"]["counts"]["train"] == [sum(e.label == c for e in train) for c in range(3)]
+        assert r["data"]["counts"]["test"] == [sum(e.label == c for e in test) for c in range(3)]
+        assert r["data"]["epoch_fraction"] == 3 * 4 / 64 and r["secondary_metric"] == "macro_f1"
         assert_row_matches_what_it_saved(r, run_dir)
-    lora = by["lora"]
-    # timings have no reference to compare with; that they were measured is what is checked
-    assert lora["latency_ms_b1_merged"] > 0 and lora["latency_ms_b8_unmerged"] > 0
-    assert by["galore"]["latency_ms_b1_merged"] > 0
-    assert lora["trainable"] < by["full"]["trainable"]
+    # timing rounds: every method once per round, the order rotated by one place per round
+    timings = [json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines()]
+    plan = ["full", "lora", "galore"]
+    assert [t["method"] for t in timings] == plan + plan[1:] + plan[:1]
+    for t in timings:
+        assert len(t["step_wall"]) == len(t["step_cpu"]) == 2 and min(t["step_wall"]) > 0, t
+        assert len(t["latency"]["b1_unmerged"]["wall"]) == 2 and t["peak_infer_rss"] > 0 and len(t["load"]) == 2
+        assert set(t["latency"]) == {"b1_unmerged", "b8_unmerged", "b1_merged", "b8_merged"}  # all three merge
+    # progress and one result line per finished method
+    assert "[1/9] training full (peftlab), seed 0" in out and "[9/9] timing round 2/2" in out and "ETA" in out
+    assert out.count("  -> ") == 9 and "majority baseline" in out
     html = (run_dir / "report.html").read_text()
     for name in ("score_vs_params.png", "score_vs_memory.png", "latency.png", "loss_curves.png"):
         width, height = png_size(run_dir / name)
@@ -107,16 +129,33 @@ def test_bench_smoke_two_methods(tmp_path):
         assert f"src='data:image/png;base64,{base64.b64encode((run_dir / name).read_bytes()).decode()}'" in html, name
     assert html.count("data:image/png;base64,") == 4 and "<table>" in html
     report_md = (run_dir / "report.md").read_text()
+    agg = {a["method"]: a for a in report.aggregate(parsed, timings)}
     for r in parsed:  # each row's numbers as the results hold them
-        assert f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} |" in report_md, r["method"]
+        assert f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['score']:.4f}" in report_md
         relative = f"{r['score'] / by['full']['score']:.3f}" if by["full"]["score"] else "-"
-        assert f"| {r['score']:.4f} | {relative} |" in report_md, r["method"]
+        assert f"| {relative} | {report._iqr(agg[r['method']]['timing']['step_wall'], '{:.3f}')} |" in report_md
+    assert "## Data and baselines" in report_md and "majority class" in report_md and "MiB" in report_md
     # an existing run directory is refused without --resume/--overwrite; --resume skips finished work
     with pytest.raises(ValueError, match="--resume"):
         run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora"], profile="smoke", run_dir=run_dir))
     again = run(BenchConfig(model="tiny-bert", task="tweets", methods=["lora", "galore"], profile="smoke",
                             run_dir=run_dir, resume=True))
-    assert len(again) == 3
+    assert len(again) == 3 and len((run_dir / "timings.jsonl").read_text().splitlines()) == 6
+
+
+def test_progress_estimates_the_time_left_from_finished_jobs(monkeypatch):
+    from peftlab.lab import bench
+
+    clock = iter([100.0, 160.0, 190.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    p = bench.Progress(train_jobs=3, timing_jobs=6, profile=bench.PROFILES["default"])
+    p.finished("train", 20.0)
+    p.finished("train", 40.0)  # mean 30 s; one training job and six timing jobs left
+    scale = (4 + 2) / 40 + 0.15
+    assert p.line("x") == f"[3/9] x | elapsed 1m00s, ETA ~{bench._clock(30 + 6 * 30 * scale)}"
+    p.finished("train", 30.0)
+    p.finished("timing", 5.0)
+    assert p.line("y") == "[5/9] y | elapsed 1m30s, ETA 0m25s"
 
 
 def test_unknown_names_list_known_ones(tmp_path):
@@ -127,15 +166,17 @@ def test_unknown_names_list_known_ones(tmp_path):
 
 
 def test_report_aggregates_seeds_and_ratios():
-    base = {"trainable": 10, "percent": 1.0, "seconds_per_step": 1.0, "tokens_per_second": 100.0,
-            "peak_train_rss": 2**20, "checkpoint_bytes": 100, "metric": "accuracy", "history": [], "evals": []}
+    base = {"trainable": 10, "percent": 1.0, "peak_train_rss": 2**20, "checkpoint_bytes": 100, "metric": "accuracy",
+            "history": [], "evals": []}
     rows = [{**base, "method": "full", "impl": "peftlab", "seed": s, "score": 0.8, "trainable": 1000} for s in (0, 1)]
     rows += [{**base, "method": "lora", "impl": "peftlab", "seed": s, "score": 0.7 + 0.1 * s} for s in (0, 1)]
-    rows += [{**base, "method": "lora", "impl": "peft", "seed": 0, "score": 0.75, "seconds_per_step": 2.0}]
-    agg = {a["label"]: a for a in report.aggregate(rows)}
+    rows += [{**base, "method": "lora", "impl": "peft", "seed": 0, "score": 0.75}]
+    timings = [{"method": "lora", "impl": impl, "round": 0, "step_wall": [x], "step_cpu": [x], "latency": {}}
+               for impl, x in (("peftlab", 1.0), ("peft", 2.0))]
+    agg = {a["label"]: a for a in report.aggregate(rows, timings)}
     assert agg["lora"]["relative"] == pytest.approx(0.75 / 0.8)
-    assert "±" in report.terminal_table(rows)
-    ratios = report.peer_ratios(report.aggregate(rows))
+    assert "±" in report.terminal_table(rows, timings)
+    ratios = report.peer_ratios(report.aggregate(rows, timings))
     assert ratios[0]["step_time"] == pytest.approx(0.5) and ratios[0]["score"] == pytest.approx(1.0)
 
 

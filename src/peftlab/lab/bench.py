@@ -1,11 +1,26 @@
 """``peftlab bench``: every applicable method, same model, data, budget and seed, side by side.
 
-Each method trains in its own process (forked from a server that has imported torch and
-transformers once), so that peak memory is that method's alone and a crash in one method leaves
-the others measured; its inference is measured in another fresh process (latency unmerged and merged, batch 1 and 8, peak resident memory). Every finished
-method appends one row to ``runs/<name>/results.jsonl`` at once, so an interrupted bench keeps
-what it measured, and ``--resume`` skips what is done. Full fine-tuning is always the 1.0
-reference of the score.
+Two phases, so that scores and timings are each measured fairly:
+
+1. **Training.** Each (method, implementation, seed) trains in its own process (forked from a
+   server that has imported torch and transformers once), so that peak memory is that run's
+   alone and a crash in one method leaves the others measured. It scores the test split,
+   keeps every test prediction in its row (the report bootstraps over them) and records its
+   wall time, CPU time and the machine's load at start and end. Every finished run appends one
+   row to ``runs/<name>/results.jsonl`` at once, so an interrupted bench keeps what it measured,
+   and ``--resume`` skips what is done.
+2. **Timing rounds.** Time per training step and inference latency are measured in
+   ``timing_rounds`` rounds; each round times every method once, in an order rotated by one
+   place per round, so that every method sees the machine in the same states (a method timed
+   while another program ran is not alone in it). One fresh process per (round, method) loads
+   the trained checkpoint, times forward passes unmerged (batch 1 and 8), then ``timing_steps``
+   training steps of the real trainer, then merged forward passes where the method merges. Wall
+   and CPU (process) time are both kept, with the load average at start and end, in
+   ``timings.jsonl``; the report shows medians and interquartile ranges.
+
+Full fine-tuning is the registered method ``"full"``, run like any other; the report's relative
+scores are relative to its rows (:data:`peftlab.lab.report.REFERENCE`), and it is always
+included.
 
 Timing and memory come from the machine the bench runs on: the report states it, and the
 comparisons it highlights are ratios measured in the same run.
@@ -14,19 +29,19 @@ comparisons it highlights are ratios measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import shutil
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FULL = "full"
-"""Full fine-tuning: no adapter, every parameter trains; the bench's reference."""
-FULL_LR = 5e-5
+from peftlab.lab.report import REFERENCE
 
 
 @dataclass(frozen=True)
@@ -41,24 +56,31 @@ class Profile:
     test_examples: int | None
     seeds: tuple[int, ...]
     latency_runs: int
+    """Forward passes per latency measurement (batch 1 and 8, unmerged and merged) and round."""
     train_examples: int | None = None
+    timing_rounds: int = 3
+    """Rounds of the timing phase: each times every method once, in rotated order."""
+    timing_steps: int = 4
+    """Training steps timed per method and round (after one untimed warm-up step)."""
 
 
 PROFILES: dict[str, Profile] = {
-    # 13 methods in about 8.5 minutes on 2 CPU cores (~35 s per method, full fine-tuning ~55 s)
+    # about 10 minutes for 14 methods on 2 CPU cores (~30 s training + 3 timing rounds of ~5 s each)
     "default": Profile(steps=40, batch_size=16, max_length=64, eval_every=20, eval_examples=160,
-                       test_examples=512, seeds=(0,), latency_runs=8),
+                       test_examples=512, seeds=(0,), latency_runs=8, timing_rounds=3, timing_steps=4),
     "full": Profile(steps=400, batch_size=32, max_length=96, eval_every=50, eval_examples=1000,
-                    test_examples=None, seeds=(0, 1, 2), latency_runs=50),
+                    test_examples=None, seeds=(0, 1, 2), latency_runs=30, timing_rounds=5, timing_steps=8),
     "smoke": Profile(steps=3, batch_size=4, max_length=24, eval_every=2, eval_examples=8,
-                     test_examples=8, seeds=(0,), latency_runs=2, train_examples=64),
+                     test_examples=8, seeds=(0,), latency_runs=2, train_examples=64, timing_rounds=2,
+                     timing_steps=2),
 }
 
 
 @dataclass
 class BenchConfig:
     model: str | None = None
-    task: str = "tweets"
+    task: str | None = None
+    """A built-in task name; None: ``"tweets"``, or the user's file when ``data`` is given."""
     data: str | None = None
     encoding: str = "utf-8"
     """Text encoding of ``data``."""
@@ -74,7 +96,7 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- planning
-def applicable_methods(task_name: str, model_name: str, data: str | None = None,
+def applicable_methods(task_name: str | None, model_name: str, data: str | None = None,
                        encoding: str = "utf-8") -> dict[str, str | None]:
     """Every registered method and whether it applies: ``{name: None | reason it does not}``.
 
@@ -88,7 +110,7 @@ def applicable_methods(task_name: str, model_name: str, data: str | None = None,
     from peftlab.lab.tasks import get_task
 
     task = get_task(task_name, data, encoding=encoding)
-    out: dict[str, str | None] = {FULL: None}
+    out: dict[str, str | None] = {}
     for name in peftlab.methods():
         with torch.device("meta"):
             model, _ = models.load(model_name, num_labels=task.num_labels or 2, with_tokenizer=False)
@@ -118,9 +140,51 @@ def default_options(method: str, model: Any, task: Any, overrides: dict[str, Any
 
 
 def learning_rate(method: str) -> float:
+    """The method's own ``suggested_lr`` (full fine-tuning's is 5e-5, adapters' about 1e-3)."""
     import peftlab
 
-    return FULL_LR if method == FULL else float(getattr(peftlab.method_class(method), "suggested_lr", 1e-3))
+    return float(peftlab.method_class(method).suggested_lr)
+
+
+def data_facts(task: Any, profile: Profile) -> dict[str, Any]:
+    """What the report needs to know about the data: sizes, the examples each split uses, label
+    counts of those examples, the scored test labels, the budget as a fraction of an epoch, and a
+    fingerprint (so that ``peftlab recommend`` pools only runs on the same data).
+
+    The training examples counted are those the trainer draws from (``train_examples`` of them,
+    chosen by the first seed, when the profile caps them); validation and test are the fixed
+    samples every run is scored on (``subset(..., 0)``).
+    """
+    from peftlab.lab.trainer import subset
+
+    splits = {s: task.examples(s) for s in ("train", "validation", "test")}
+    used = {"train": subset(splits["train"], profile.train_examples, profile.seeds[0]),
+            "validation": subset(splits["validation"], profile.eval_examples, 0),
+            "test": subset(splits["test"], profile.test_examples, 0)}
+    digest = hashlib.sha256()
+    for split, examples in splits.items():
+        for e in examples:
+            digest.update(json.dumps([split, *dataclasses.astuple(e)], ensure_ascii=False).encode())
+    seen = profile.steps * profile.batch_size
+    facts: dict[str, Any] = {
+        "kind": task.kind, "sizes": {s: len(x) for s, x in splits.items()},
+        "used": {s: len(x) for s, x in used.items()}, "examples_seen": seen,
+        "epoch_fraction": seen / len(used["train"]) if used["train"] else None,
+        "fingerprint": digest.hexdigest()[:16], "labels": list(task.labels) if task.labels else None,
+    }
+    if task.kind == "classification":
+        facts["counts"] = {s: [Counter(e.label for e in x).get(c, 0) for c in range(task.num_labels)]
+                           for s, x in used.items()}
+        facts["test_labels"] = [e.label for e in used["test"]]
+    return facts
+
+
+def secondary_metric(task: Any) -> str:
+    """The task's secondary metric: its own ``secondary_metric`` if it names one, else macro-F1 for
+    classification and perplexity for generated text."""
+    from peftlab.lab.report import SECONDARY
+
+    return getattr(task, "secondary_metric", None) or SECONDARY.get(task.metric, "loss")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -128,6 +192,11 @@ def _rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _load() -> float:
+    """The machine's 1-minute load average (runnable processes, this bench's own included)."""
+    return os.getloadavg()[0]
 
 
 def _environment() -> dict[str, Any]:
@@ -140,6 +209,10 @@ def _environment() -> dict[str, Any]:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _profile(spec: dict[str, Any]) -> Profile:
+    return Profile(**{**spec["profile"], "seeds": tuple(spec["profile"]["seeds"])})
 
 
 def _prepare(spec: dict[str, Any]):
@@ -155,9 +228,9 @@ def _prepare(spec: dict[str, Any]):
     base_params = sum(t.numel() for t in model.parameters())
     method, impl = spec["method"], spec["impl"]
     options = spec["options"]
-    if method != FULL and impl == "peftlab":
+    if impl == "peftlab":
         peftlab.attach(model, method, **options)
-    elif method != FULL:  # the peer library's version of the same method, same settings
+    else:  # the peer library's version of the same method, same settings
         import peft
 
         with torch.device("meta"):
@@ -169,104 +242,169 @@ def _prepare(spec: dict[str, Any]):
     return task, model, tok, base_params
 
 
+def _evaluate(task: Any, model: Any, tok: Any, examples: list, batch_size: int, max_length: int
+              ) -> tuple[dict[str, float], list[int] | None]:
+    """``task.evaluate`` and, for classification, the predicted class of every example.
+
+    The predictions are read from the logits of the very forward passes ``evaluate`` makes (a
+    forward hook on the model), in example order, and kept only if they reproduce its accuracy
+    and macro-F1 exactly; so the report's bootstrap rests on the scores the bench reports.
+    """
+    from peftlab.lab import metrics as m
+
+    captured: list[list[int]] = []
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is not None and not module.training and logits.dim() == 2:
+            captured.append(logits.argmax(-1).tolist())
+
+    handle = model.register_forward_hook(hook) if task.kind == "classification" else None
+    try:
+        scores = task.evaluate(model, tok, examples, batch_size=batch_size, max_length=max_length)
+    finally:
+        if handle is not None:
+            handle.remove()
+    predictions = [p for batch in captured for p in batch]
+    references = [e.label for e in examples] if task.kind == "classification" else []
+    if (not references or len(predictions) != len(references)
+            or m.accuracy(predictions, references) != scores.get("accuracy")
+            or m.macro_f1(predictions, references) != scores.get("macro_f1")):
+        return scores, None
+    return scores, predictions
+
+
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one method and measure it (runs in its own process)."""
+    """Train one method, score it on the test split and save it (runs in its own process)."""
     import torch
 
     import peftlab
     from peftlab.lab.trainer import TrainConfig, subset, train
 
-    p = Profile(**{**spec["profile"], "seeds": tuple(spec["profile"]["seeds"])})
+    p = _profile(spec)
+    load_start = _load()
     task, model, tok, base = _prepare(spec)
-    if spec["method"] == FULL:
-        for param in model.parameters():
-            param.requires_grad_(True)
-    if spec["method"] != FULL and spec["impl"] == "peftlab":
+    if spec["impl"] == "peftlab":
         s = peftlab.summary(model)
         trainable, base = s.trainable, s.base
-    else:
-        trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
-        if spec["impl"] == "peft":
-            trainable, _ = model.get_nb_trainable_parameters()
+    else:  # the same denominator as peftlab.summary: the base model's parameters
+        trainable, _ = model.get_nb_trainable_parameters()
     rss_before = _rss_bytes()
     cfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=spec["lr"], eval_every=p.eval_every,
                       eval_examples=p.eval_examples, max_length=p.max_length, seed=spec["seed"],
                       save_every=spec.get("save_every", 0), train_examples=p.train_examples,
                       progress=spec.get("progress", True))
     out_dir = Path(spec["out_dir"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cpu0 = time.process_time()
     result = train(model, tok, task, cfg, run_dir=out_dir / "train", resume=spec.get("resume", False))
+    cpu_train = time.process_time() - cpu0
     rss_train = _rss_bytes()
+    gpu_peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     test = subset(task.examples("test"), p.test_examples, 0)  # the same fair sample for every run
-    metrics = task.evaluate(model, tok, test, batch_size=max(p.batch_size, 16), max_length=p.max_length)
+    metrics, predictions = _evaluate(task, model, tok, test, max(p.batch_size, 16), p.max_length)
     ckpt = out_dir / "adapter"
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    if spec["method"] == FULL or spec["impl"] == "peft":
+    if spec["impl"] == "peft":
         model.save_pretrained(ckpt)
     else:
         peftlab.save(model, ckpt)
     return {
         "trainable": trainable, "base_params": base, "percent": 100.0 * trainable / base,
-        "train_seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
-        "tokens_per_second": result.tokens_per_second, "steps": result.steps,
-        "peak_train_rss": rss_train, "train_rss_over_start": rss_train - rss_before,
-        "score": metrics[task.metric], "metric": task.metric, "test_metrics": metrics,
+        "train_seconds": result.seconds, "train_cpu_seconds": cpu_train,
+        "train_seconds_per_step": result.seconds_per_step,
+        "tokens_per_step": result.tokens / result.steps if result.steps else None, "steps": result.steps,
+        "peak_train_rss": rss_train, "train_rss_over_start": rss_train - rss_before, "peak_train_gpu": gpu_peak,
+        "score": metrics[task.metric], "metric": task.metric, "secondary_metric": secondary_metric(task),
+        "test_metrics": metrics, "test_predictions": predictions,
         "history": [{k: h[k] for k in ("step", "loss") if k in h} for h in result.history],
         "evals": result.evals, "overfitting": result.overfitting,
         "checkpoint_bytes": _dir_bytes(ckpt), "threads": torch.get_num_threads(),
+        "load": [load_start, _load()],
     }
 
 
-def _latency_ms(model: Any, batch: dict[str, Any], runs: int) -> float:
+def _latency(model: Any, batch: dict[str, Any], runs: int) -> dict[str, list[float]]:
+    """Wall and CPU (process) seconds of ``runs`` forward passes, after one warm-up pass."""
     import torch
 
+    wall, cpu = [], []
     with torch.inference_mode():
         model(**batch)  # warm-up
-        times = []
         for _ in range(runs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(**batch)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
 
 
-def infer_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Reload the trained adapter into a fresh base and time inference (own process)."""
+def _step_times(model: Any, tok: Any, task: Any, spec: dict[str, Any], p: Profile) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``timing_steps`` steps of the lab trainer (batch, length and learning
+    rate of the profile; optimizer and hooks as in training), after one untimed warm-up step.
+
+    A step is the time from one training forward pass to the next (batching, forward, backward,
+    optimizer step): a forward pre-hook stamps each training forward, so nothing of the trainer's
+    loop is copied here.
+    """
+    from peftlab.lab.trainer import TrainConfig, train
+
+    stamps: list[tuple[float, float]] = []
+
+    def hook(module: Any, args: Any) -> None:
+        if module.training:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        cfg = TrainConfig(steps=p.timing_steps + 2, batch_size=p.batch_size, lr=spec["lr"], eval_every=0,
+                          eval_examples=1, max_length=p.max_length, seed=spec["seed"],
+                          train_examples=p.train_examples, progress=False, warmup_ratio=0.0)
+        train(model, tok, task, cfg)
+    finally:
+        handle.remove()
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][1:]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][1:]
+    return wall, cpu
+
+
+def timing_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One timing round of one method (own process): the trained checkpoint loaded into a fresh
+    base, forward latency unmerged, training-step times, forward latency merged."""
     import torch
 
     import peftlab
     from peftlab import models
     from peftlab.lab.tasks import get_task
 
-    p = Profile(**{**spec["profile"], "seeds": tuple(spec["profile"]["seeds"])})
+    p = _profile(spec)
+    load_start = _load()
     task = get_task(spec["task"], spec.get("data"), encoding=spec.get("encoding", "utf-8"))
     ckpt = Path(spec["out_dir"]) / "adapter"
     torch.manual_seed(spec["seed"])
-    if spec["method"] == FULL:
-        base, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
-        model = type(base).from_pretrained(ckpt).eval()
-    elif spec["impl"] == "peft":
+    base, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
+    if spec["impl"] == "peft":
         import peft
 
-        base, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
-        model = peft.PeftModel.from_pretrained(base, ckpt).eval()
+        model = peft.PeftModel.from_pretrained(base, ckpt, is_trainable=True)
     else:
-        model, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
-        peftlab.load(model, ckpt)
-    examples = task.examples("test")
-    out: dict[str, Any] = {}
+        model = base
+        peftlab.load(model, ckpt, trainable=True)
+    model.eval()
+    examples = task.examples("test") or task.examples("validation")
     batches = {b: task.collate(tok, (examples * 8)[:b], p.max_length) for b in (1, 8)}
     batches = {b: {k: v for k, v in x.items() if k != "labels"} for b, x in batches.items()}
-    mergeable = spec["method"] == FULL or (spec["impl"] == "peftlab" and peftlab.method_class(spec["method"]).mergeable) \
-        or spec["impl"] == "peft"
-    for b, x in batches.items():
-        out[f"latency_ms_b{b}" + ("" if spec["method"] == FULL else "_unmerged")] = _latency_ms(model, x, p.latency_runs)
-    if spec["method"] != FULL and mergeable:
+    latency = {f"b{b}_unmerged": _latency(model, x, p.latency_runs) for b, x in batches.items()}
+    peak_infer = _rss_bytes()  # loading and unmerged inference only: measured before any training step
+    step_wall, step_cpu = _step_times(model, tok, task, spec, p)
+    model.eval()
+    if peftlab.method_class(spec["method"]).mergeable:
         model = model.merge_and_unload() if spec["impl"] == "peft" else peftlab.merge_and_unload(model)
-        for b, x in batches.items():
-            out[f"latency_ms_b{b}_merged"] = _latency_ms(model, x, p.latency_runs)
-    out["peak_infer_rss"] = _rss_bytes()
-    return out
+        latency.update({f"b{b}_merged": _latency(model, x, p.latency_runs) for b, x in batches.items()})
+    return {"latency": latency, "step_wall": step_wall, "step_cpu": step_cpu, "peak_infer_rss": peak_infer,
+            "load": [load_start, _load()]}
 
 
 # Modules every worker needs: imported once by the fork server, so each worker starts in
@@ -276,6 +414,7 @@ _PRELOAD = ["torch", "transformers", "peftlab", "peftlab.methods", "peftlab.lab.
             "peftlab.lab.tasks", "peftlab.lab.bench", "transformers.models.bert.modeling_bert",
             "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
             "peft"]
+_WORKERS = {"train": train_worker, "timing": timing_worker}
 
 
 def _child(mode: str, spec: dict[str, Any], out_path: str) -> None:
@@ -283,14 +422,24 @@ def _child(mode: str, spec: dict[str, Any], out_path: str) -> None:
     import traceback
 
     try:
-        result = (train_worker if mode == "train" else infer_worker)(spec)
+        result = _WORKERS[mode](spec)
     except Exception:  # reported by the parent with the method's name; the bench goes on
         result = {"__error__": traceback.format_exc(limit=-8)}
     Path(out_path).write_text(json.dumps(result))
 
 
+def _start_workers() -> None:
+    """Start the fork server (it imports torch and transformers once, several seconds) before the
+    first job's clock starts, so that no method's wall time carries it."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    forkserver.ensure_running()
+
+
 def _spawn(mode: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Run ``train_worker``/``infer_worker`` in a fresh process forked from a preloaded server.
+    """Run a worker in a fresh process forked from a preloaded server.
 
     A fresh process per job keeps each method's peak memory its own; the fork server (which
     only imports, never computes, so no thread pool is forked) keeps the start-up cheap.
@@ -312,13 +461,69 @@ def _spawn(mode: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return result
 
 
+# ----------------------------------------------------------------------------- progress
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """The overall progress line: job k of n, elapsed time and an estimate of the time left.
+
+    The estimate is the mean duration of the finished jobs of each kind times the jobs of that
+    kind still to run; a kind not yet seen is estimated from training jobs scaled by its share
+    of steps (marked ``~``).
+    """
+
+    def __init__(self, train_jobs: int, timing_jobs: int, profile: Profile) -> None:
+        self.total = {"train": train_jobs, "timing": timing_jobs}
+        self.done = {"train": 0, "timing": 0}
+        self.seconds = {"train": 0.0, "timing": 0.0}
+        self.scale = (profile.timing_steps + 2) / max(profile.steps, 1) + 0.15
+        self.began = time.perf_counter()
+
+    def finished(self, kind: str, seconds: float) -> None:
+        self.done[kind] += 1
+        self.seconds[kind] += seconds
+
+    def skip(self, kind: str) -> None:
+        self.total[kind] -= 1
+
+    def line(self, what: str) -> str:
+        n = sum(self.total.values())
+        k = sum(self.done.values()) + 1
+        mean = {kind: self.seconds[kind] / self.done[kind] if self.done[kind] else None for kind in self.done}
+        guess = mean["timing"] is None and self.total["timing"] - self.done["timing"] > 0
+        if mean["timing"] is None and mean["train"] is not None:
+            mean["timing"] = mean["train"] * self.scale
+        left = [(self.total[kind] - self.done[kind]) * mean[kind] for kind in mean if mean[kind] is not None]
+        eta = ("unknown" if mean["train"] is None and self.total["train"] > self.done["train"]
+               else ("~" if guess else "") + _clock(sum(left)))
+        return f"[{k}/{n}] {what} | elapsed {_clock(time.perf_counter() - self.began)}, ETA {eta}"
+
+
+def _result_line(row: dict[str, Any]) -> str:
+    """One line per finished training run: score, secondary metric, majority baseline, size, time."""
+    from peftlab.lab.report import MIB, baselines
+
+    if "error" in row:
+        return f"  -> {row['method']} ({row['impl']}, seed {row['seed']}) FAILED: {row['error'].splitlines()[-1]}"
+    base = baselines(row.get("data")).get("majority")
+    versus = ""
+    if base:
+        versus = (f" (majority baseline {base['accuracy']:.4f}"
+                  + (": NOT above it)" if row["score"] <= base["accuracy"] else ")"))
+    second = row.get("secondary_metric")
+    value = (row.get("test_metrics") or {}).get(second)
+    return (f"  -> {row['method']} ({row['impl']}, seed {row['seed']}): {row['metric']} {row['score']:.4f}{versus}"
+            + (f", {second} {value:.4f}" if value is not None else "")
+            + f", {row['percent']:.3f}% of base trains, peak {row['peak_train_rss'] / MIB:,.0f} MiB, "
+            f"{row['wall_seconds']:.1f} s wall ({row['train_cpu_seconds']:.1f} s CPU training)")
+
+
 # ----------------------------------------------------------------------------- driver
-def run(config: BenchConfig) -> list[dict[str, Any]]:
-    """Run the bench; returns every result row (also in ``run_dir/results.jsonl``)."""
+def _profile_of(config: BenchConfig) -> Profile:
     import peftlab
-    from peftlab import models
-    from peftlab.lab import report
-    from peftlab.lab.tasks import get_task
 
     if config.profile not in PROFILES:
         raise peftlab.ConfigError(f"unknown profile {config.profile!r}; known: {sorted(PROFILES)}")
@@ -332,14 +537,29 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
         if "seeds" in changes:
             changes["seeds"] = tuple(changes["seeds"])
         profile = dataclasses.replace(profile, **changes)
-        if profile.steps < 1 or profile.batch_size < 1 or profile.max_length < 2 or not profile.seeds:
-            raise peftlab.ConfigError(f"profile overrides give an empty budget: {dataclasses.asdict(profile)}")
-    task = get_task(config.task, config.data, encoding=config.encoding)
+    if (profile.steps < 1 or profile.batch_size < 1 or profile.max_length < 2 or not profile.seeds
+            or profile.timing_rounds < 1 or profile.timing_steps < 1 or profile.latency_runs < 1):
+        raise peftlab.ConfigError("profile overrides give an empty budget (steps, batch_size, timing_rounds, "
+                                  f"timing_steps and latency_runs must be >= 1): {dataclasses.asdict(profile)}")
+    return profile
+
+
+def run(config: BenchConfig) -> list[dict[str, Any]]:
+    """Run the bench; returns every result row (also in ``run_dir/results.jsonl``; the timing
+    rounds are in ``run_dir/timings.jsonl``)."""
+    import peftlab
+    from peftlab import models
+    from peftlab.lab import report
+    from peftlab.lab.tasks import get_task
+
+    profile = _profile_of(config)
+    task_name = config.task if config.task is not None else (None if config.data else "tweets")
+    task = get_task(task_name, config.data, encoding=config.encoding)
     model_name = config.model or task.default_model
     if model_name not in models.names():
         raise peftlab.ConfigError(f"unknown model {model_name!r}; known: {models.names()}")
     run_dir = Path(config.run_dir)
-    results_path = run_dir / "results.jsonl"
+    results_path, timings_path = run_dir / "results.jsonl", run_dir / "timings.jsonl"
     if run_dir.exists() and any(run_dir.iterdir()) and not (config.resume or config.overwrite):
         raise peftlab.ConfigError(f"{run_dir} exists; pass --resume to continue it or --overwrite to replace it")
     if config.overwrite and run_dir.exists():
@@ -349,65 +569,109 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    known = applicable_methods(config.task, model_name, config.data, config.encoding)
-    wanted = config.methods or list(known)
+    known = applicable_methods(task_name, model_name, config.data, config.encoding)
+    wanted = list(dict.fromkeys(config.methods or list(known)))
     unknown = [m for m in wanted if m not in known]
     if unknown:
         raise peftlab.ConfigError(f"unknown method(s) {unknown}; known: {sorted(known)}")
-    if FULL not in wanted:
-        wanted = [FULL, *wanted]  # the 1.0 reference
+    wanted = [REFERENCE, *(m for m in wanted if m != REFERENCE)]  # the 1.0 of the relative scores, run first
     skipped = {m: known[m] for m in wanted if known[m] is not None}
     plan = [(m, impl) for m in wanted if known[m] is None
-            for impl in (("peftlab", "peft") if config.vs_peft and m != FULL and peftlab.method_class(m).peft_type
+            for impl in (("peftlab", "peft") if config.vs_peft and peftlab.method_class(m).peft_type
                          else ("peftlab",))]
 
-    rows = _read_rows(results_path)
+    rows = [r for r in report.read_jsonl(results_path) if "error" not in r]  # failed runs are retried
+    all_rows = list(rows)
+    timings = [t for t in report.read_jsonl(timings_path) if "error" not in t]
     done = {(r["method"], r["impl"], r["seed"]) for r in rows}
+    timed = {(t["method"], t["impl"], t["round"]) for t in timings}
     env = _environment()
+    facts = data_facts(task, profile)
     meta_model = _meta_model(model_name, task)
-    print(f"bench: {model_name} on {task.name}, profile {config.profile}, methods "
+    seed0 = profile.seeds[0]
+    jobs = [(seed, m, i) for seed in profile.seeds for m, i in plan]
+    progress = Progress(len(jobs), profile.timing_rounds * len(plan), profile)
+    print(f"bench: {model_name} on {task.name}, profile {config.profile}, {len(plan)} method run(s): "
           f"{', '.join(m + (' (+ peft)' if (m, 'peft') in plan else '') for m, i in plan if i == 'peftlab')}"
-          f"; results in {run_dir}")
+          f"; {len(profile.seeds)} seed(s), {profile.timing_rounds} timing round(s); results in {run_dir}")
     for m, why in skipped.items():
         print(f"  skipped {m}: {why}")
+    began = time.perf_counter()
+    _start_workers()
+
+    def spec_of(method: str, impl: str, seed: int) -> dict[str, Any]:
+        return {"model": model_name, "task": task_name, "data": config.data, "encoding": config.encoding,
+                "method": method, "impl": impl, "seed": seed, "lr": learning_rate(method),
+                "out_dir": str(run_dir / f"{method}-{impl}-seed{seed}"), "profile": dataclasses.asdict(profile),
+                "options": default_options(method, meta_model, task, config.options.get(method)),
+                "resume": config.resume, "save_every": max(profile.steps // 3, 1)}
+
     try:
-        for seed in profile.seeds:
-            for method, impl in plan:
-                if (method, impl, seed) in done:
+        for seed, method, impl in jobs:
+            if (method, impl, seed) in done:
+                progress.skip("train")
+                continue
+            spec = spec_of(method, impl, seed)
+            print(f"\n{progress.line(f'training {method} ({impl}), seed {seed}')}")
+            t0 = time.perf_counter()
+            row = {"method": method, "impl": impl, "seed": seed, "model": model_name, "task": task.name,
+                   "data_path": config.data, "profile": config.profile + ("*" if config.overrides else ""),
+                   "budget": dataclasses.asdict(profile), "options": spec["options"], "lr": spec["lr"], "env": env,
+                   "data": facts}
+            try:
+                row.update(_spawn("train", spec, Path(spec["out_dir"])))
+            except RuntimeError as e:
+                print(f"  {e}")
+                row["error"] = str(e)
+            row["wall_seconds"] = time.perf_counter() - t0
+            progress.finished("train", row["wall_seconds"])
+            with results_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            all_rows.append(row)
+            if "error" not in row:
+                rows.append(row)
+            print(_result_line(row))
+            report.write(run_dir, all_rows, skipped=skipped, plots=False, timings=timings)
+        trained = {(r["method"], r["impl"]) for r in rows if r["seed"] == seed0}
+        for rnd in range(profile.timing_rounds):
+            order = plan[rnd % len(plan):] + plan[:rnd % len(plan)]  # every method in every position
+            for method, impl in order:
+                if (method, impl, rnd) in timed or (method, impl) not in trained:
+                    progress.skip("timing")
                     continue
-                out_dir = run_dir / f"{method}-{impl}-seed{seed}"
-                spec = {"model": model_name, "task": config.task, "data": config.data,
-                        "encoding": config.encoding, "method": method,
-                        "impl": impl, "seed": seed, "lr": learning_rate(method), "out_dir": str(out_dir),
-                        "profile": dataclasses.asdict(profile),
-                        "options": {} if method == FULL else default_options(
-                            method, meta_model, task, config.options.get(method)),
-                        "resume": config.resume, "save_every": max(profile.steps // 3, 1)}
-                print(f"\n== {method} ({impl}), seed {seed}")
+                spec = spec_of(method, impl, seed0)
+                print(progress.line(f"timing round {rnd + 1}/{profile.timing_rounds}: {method} ({impl})"))
                 t0 = time.perf_counter()
-                row = {"method": method, "impl": impl, "seed": seed, "model": model_name, "task": task.name,
-                       "profile": config.profile + ("*" if config.overrides else ""),
-                       "budget": dataclasses.asdict(profile), "options": spec["options"], "lr": spec["lr"], "env": env}
+                entry: dict[str, Any] = {"method": method, "impl": impl, "round": rnd, "seed": seed0}
                 try:
-                    row.update(_spawn("train", spec, out_dir))
-                    row.update(_spawn("infer", spec, out_dir))
+                    entry.update(_spawn("timing", spec, Path(spec["out_dir"])))
                 except RuntimeError as e:
                     print(f"  {e}")
-                    row["error"] = str(e)
-                row["wall_seconds"] = time.perf_counter() - t0
-                with results_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                rows.append(row)
-                report.write(run_dir, rows, skipped=skipped, plots=False)
+                    entry["error"] = str(e)
+                entry["wall_seconds"] = time.perf_counter() - t0
+                progress.finished("timing", entry["wall_seconds"])
+                with timings_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if "error" not in entry:
+                    timings.append(entry)
+                    step = report.spread(entry["step_wall"])
+                    if step:
+                        print(f"  -> {method} ({impl}): {step['median']:.3f} s/step, "
+                              f"b1 {1000 * statistics.median(entry['latency']['b1_unmerged']['wall']):.1f} ms unmerged")
+            report.write(run_dir, all_rows, skipped=skipped, plots=False, timings=timings)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished methods are in {results_path}; `peftlab bench --resume "
               f"--run-dir {run_dir}` continues")
-        report.write(run_dir, rows, skipped=skipped)
+        report.write(run_dir, all_rows, skipped=skipped, timings=timings)
         raise
-    report.write(run_dir, rows, skipped=skipped)
-    print("\n" + report.terminal_table(rows))
-    print(f"\nreport: {run_dir / 'report.html'} (also report.md, results.jsonl, *.png)")
-    return rows
+    report.write(run_dir, all_rows, skipped=skipped, timings=timings)
+    print("\n" + report.terminal_table(rows, timings))
+    lines = report.console_guidance(rows, timings)
+    if lines:
+        print("\n" + "\n".join(f"* {line}" for line in lines))
+    print(f"\nbench wall time {_clock(time.perf_counter() - began)}; report: {run_dir / 'report.html'} "
+          "(also report.md, results.jsonl, timings.jsonl, *.png)")
+    return all_rows
 
 
 def _meta_model(model_name: str, task: Any) -> Any:
@@ -418,17 +682,3 @@ def _meta_model(model_name: str, task: Any) -> Any:
     with torch.device("meta"):
         model, _ = models.load(model_name, num_labels=task.num_labels or 2, with_tokenizer=False)
     return model
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"warning: {path}:{i} is not valid JSON (an interrupted write?); ignoring it")
-    return [r for r in rows if "error" not in r]
-

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from peftlab.core.errors import ConfigError
 
-_BENCH_FILES = ("results.jsonl", "report.md", "report.html")
+_BENCH_FILES = ("results.jsonl", "timings.jsonl", "report.md", "report.html")
 _BENCH_DIR = re.compile(r".+-(peftlab|peft)-seed-?\d+")
 """What ``peftlab bench`` writes into its run directory: the only entries --overwrite may delete."""
 
