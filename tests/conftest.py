@@ -97,7 +97,7 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-gpt2": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
     },
     "vera": {  # save_projection=False: the file holds exactly what trains (the key regenerates the rest)
-        "tiny-llama": {"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "save_projection": False},
+        "tiny-llama": {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "save_projection": False},
         "tiny-bert": {"r": 4, "bias": "vera_only", "save_projection": False, "modules_to_save": ["classifier"]},
         "tiny-gpt2": {"r": 8, "target_modules": ["c_attn", "c_fc"], "projection_prng_key": 7,
                       "save_projection": False},

@@ -109,8 +109,7 @@ class IA3Layer(MergeableLayer):
     class_prefix = "IA3"
     adapter_containers = ("ia3_l",)
     parameter_containers = ("ia3_l",)
-    peftlab_ia3_ff: dict[str, bool]
-    """Per adapter: whether it scales the layer's input (a feed-forward module) or its output."""
+    # adapter_state(name): True where the adapter scales the layer's input (a feed-forward module)
 
     # ------------------------------------------------------------------------ shapes
     def _is_conv(self) -> bool:
@@ -136,15 +135,14 @@ class IA3Layer(MergeableLayer):
         kw = {"device": w.device, "dtype": _scale_dtype(w)}
         value = torch.ones(shape, **kw) if init or w.device.type == "meta" else torch.randn(shape, **kw)
         self.ia3_l[name] = nn.Parameter(value)
-        self.__dict__.setdefault("peftlab_ia3_ff", {})[name] = feedforward
+        self.set_adapter_state(name, feedforward)
 
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)  # first: a merged adapter's unmerge needs its kind
-        self.__dict__.get("peftlab_ia3_ff", {}).pop(name, None)
+    def scales_input(self, name: str) -> bool:
+        """Whether adapter ``name`` scales the layer's input (a feed-forward module) or its output."""
+        return bool(self.adapter_state(name))
 
     def restore(self) -> nn.Module:
-        for attr in ("peftlab_ia3_ff", "peftlab_ia3_pre"):
-            self.__dict__.pop(attr, None)
+        self.__dict__.pop("peftlab_ia3_pre", None)
         return super().restore()
 
     # ------------------------------------------------------------------------ forward
@@ -159,9 +157,8 @@ class IA3Layer(MergeableLayer):
         live = self.live_adapters()
         if not live:
             return super().forward(x, *args, **kwargs)
-        ff = self.peftlab_ia3_ff
-        s_in = self._product([n for n in live if ff[n]])
-        s_out = self._product([n for n in live if not ff[n]])
+        s_in = self._product([n for n in live if self.scales_input(n)])
+        s_out = self._product([n for n in live if not self.scales_input(n)])
         if s_in is not None:  # the feed-forward's inner activation, rescaled before the layer
             x = (x.to(s_in.dtype) * s_in).to(self.weight.dtype if self._is_conv() else x.dtype)
         out = super().forward(x, *args, **kwargs)
@@ -173,7 +170,7 @@ class IA3Layer(MergeableLayer):
     def _weight_scale(self, name: str) -> torch.Tensor:
         """``l`` of adapter ``name`` shaped to broadcast over the weight (fp32)."""
         v = self.ia3_l[name].detach().float()
-        ff = self.peftlab_ia3_ff[name]
+        ff = self.scales_input(name)
         if isinstance(self, nn.Linear):
             return v  # (d_out, 1) scales rows, (1, d_in) columns
         if not self._is_conv():
@@ -189,7 +186,7 @@ class IA3Layer(MergeableLayer):
         return v.reshape(d_out, per_in, *v.shape[3:])
 
     def _bias_scale(self, name: str) -> torch.Tensor | None:
-        if self.peftlab_ia3_ff[name] or getattr(self, "bias", None) is None:
+        if self.scales_input(name) or getattr(self, "bias", None) is None:
             return None
         return self.ia3_l[name].detach().float().reshape(self.bias.shape)
 
@@ -347,7 +344,7 @@ class IA3(Method):
         if model is not None:  # peft reads exact module paths: what was adapted, as adapted
             layers = list(self.adapted_layers(model, name))
             targets: list[str] | None = [p for p, _ in layers]
-            ff: list[str] | None = [p for p, layer in layers if layer.peftlab_ia3_ff[name]]  # type: ignore[attr-defined]
+            ff: list[str] | None = [p for p, layer in layers if layer.scales_input(name)]  # type: ignore[attr-defined]
             conv1d = any(isinstance(layer, IA3Layer) and not isinstance(layer, nn.Linear) and not layer._is_conv()
                          for _, layer in layers)
         else:
