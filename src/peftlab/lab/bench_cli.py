@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-examples", type=int, help="validation examples per evaluation")
     g.add_argument("--test-examples", type=int, help="test examples for the final score")
     g.add_argument("--seeds", type=int, nargs="+", help="seeds (mean +- std over them)")
+    g.add_argument("--timing-rounds", type=int, help="rounds of the timing phase (each times every method once)")
+    g.add_argument("--timing-steps", type=int, help="training steps timed per method and round")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from peftlab.lab.data_cli import data_files, data_task
 
     task = data_task(args, default="tweets")  # a bad file or a missing test split fails here, before training
-    fields = ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "test_examples", "seeds")
+    fields = ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "test_examples", "seeds",
+              "timing_rounds", "timing_steps")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     name = args.name or f"{task.name}-{args.model or 'default'}-{args.profile}" + ("-custom" if overrides else "")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
