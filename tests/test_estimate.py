@@ -28,9 +28,8 @@ HEADS = {"tiny-llama": "causal-lm", "tiny-bert": "classifier", "tiny-gpt2": "cau
 
 
 def _cases() -> list[tuple[str, str]]:
-    """Every (method, tiny model) example of every registered method (future methods included)."""
-    out = [(m, model) for m in peftlab.methods() for model in METHOD_EXAMPLES.get(m, {}) if model in HEADS]
-    return out + [("full", model) for model in TINY if model in HEADS]
+    """Every (method, tiny model) example of every registered method (``full`` and future methods included)."""
+    return [(m, model) for m in peftlab.methods() for model in METHOD_EXAMPLES.get(m, {}) if model in HEADS]
 
 
 def test_encoder_decoder_models_are_refused() -> None:
@@ -49,9 +48,8 @@ def test_every_registered_method_has_count_cases() -> None:
 @pytest.mark.parametrize(("method", "model_name"), _cases())
 def test_meta_counts_equal_real_counts(method: str, model_name: str) -> None:
     real = TINY[model_name]()
-    options = METHOD_EXAMPLES[method][model_name] if method != "full" else {}
-    if method != "full":
-        peftlab.attach(real, method, **options)
+    options = METHOD_EXAMPLES[method][model_name]
+    peftlab.attach(real, method, **options)
     expected = {k: (tuple(p.shape), p.requires_grad) for k, p in real.named_parameters()}
     source = resolve(real.config, HEADS[model_name])
     c = count(source, method, options or None, torch.float32)
@@ -64,7 +62,7 @@ def test_meta_counts_equal_real_counts(method: str, model_name: str) -> None:
     e = estimate(source, method, options or None, dtype="fp32", mixed_precision=False)
     assert e.params["trainable"] == trainable
     assert e.gradients == 4 * trainable  # fp32 gradients of exactly the trainable tensors
-    layout = peftlab.adapters(real)["default"].optimizer_state_elements(real, "default") if method != "full" else None
+    layout = peftlab.adapters(real)["default"].optimizer_state_elements(real, "default")
     if layout is None:
         assert e.optimizer == 2 * 4 * trainable  # AdamW: two fp32 moments, no master copy in fp32
     else:  # the method brings its own optimizer: its layout, in fp32
@@ -114,8 +112,13 @@ def test_term_by_term_sum_reproduces_korthikanti_eq1() -> None:
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_more_batch_or_sequence_more_memory(method: str) -> None:
-    totals = [estimate("gpt2", method, batch=b, seq=256).total for b in (1, 2, 4, 8)]
-    assert totals == sorted(totals) and len(set(totals)) == 4
+    runs = [estimate("gpt2", method, batch=b, seq=256) for b in (1, 2, 4, 8)]
+    totals = [e.total for e in runs]
+    assert totals == sorted(totals)
+    backward = [e.phase_totals()["backward"] for e in runs]  # activations and their transients grow
+    assert backward == sorted(backward) and len(set(backward)) == 4
+    # the optimizer step holds no activation: the same at every batch
+    assert len({e.phase_totals()["optimizer step"] for e in runs}) == 1
     acts = [estimate("gpt2", method, batch=2, seq=s).activations for s in (64, 128, 256, 512)]
     assert acts == sorted(acts) and len(set(acts)) == 4
 
@@ -299,9 +302,9 @@ def test_cli_table_json_png_budget(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "total per device" in text and "fits 2.00 GB" in text and "max batch @ seq 256" in text
     doc = json.loads(out_json.read_text())
     methods = [e["method"] for e in doc["estimates"]]
-    # every method is either estimated (in registry order) or listed with the reason it does not apply
-    assert sorted(methods + list(doc["errors"])) == sorted(["full", *peftlab.methods()])
-    assert methods == [m for m in ["full", *peftlab.methods()] if m not in doc["errors"]]
+    # every registered method (full included, once) is estimated in registry order or listed with its reason
+    assert sorted(methods + list(doc["errors"])) == sorted(peftlab.methods())
+    assert methods == [m for m in peftlab.methods() if m not in doc["errors"]]
     assert "fuse" in doc["errors"]["fusion"]  # fusion needs trained adapters; its own message says so
     lora = next(e for e in doc["estimates"] if e["method"] == "lora")
     assert lora["options"]["r"] == 4
@@ -406,11 +409,8 @@ def test_predicted_activations_match_what_autograd_saves(method: str, model_name
     never more than 3% under (an under-estimate is the costly error), at most 25% over."""
     torch.manual_seed(0)
     real = TINY[model_name]()
-    options = METHOD_EXAMPLES[method][model_name] if method != "full" else {}
-    if method != "full":
-        peftlab.attach(real, method, **options)
-    else:
-        real.requires_grad_(True)
+    options = METHOD_EXAMPLES[method][model_name]
+    peftlab.attach(real, method, **options)
     saved = _saved_activation_bytes(real, 2, 56, HEADS[model_name])
     e = estimate(resolve(real.config, HEADS[model_name]), method, options or None, batch=2, seq=56, dtype="fp32",
                  mixed_precision=False, device="cpu")

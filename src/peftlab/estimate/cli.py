@@ -2,7 +2,7 @@
 
 Examples::
 
-    peftlab estimate llama-2-7b --batch 4 --seq 2048                      # full + every method
+    peftlab estimate llama-2-7b --batch 4 --seq 2048                      # every method, full included
     peftlab estimate mistral-7b --methods lora --quantize nf4 --checkpointing full --budget 24GB
     peftlab estimate 3b --dtype fp16 --batch 8 --seq 1024 --methods full   # the seed article's example
     peftlab estimate path/to/config.json --json - --png memory.png
@@ -24,7 +24,7 @@ from peftlab.core.errors import ConfigError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a preset (see --list), an embedded model name, or a config.json path")
     p.add_argument("--list", action="store_true", help="list the presets and embedded models and exit")
-    p.add_argument("--methods", nargs="*", help="methods to compare (default: full and every registered method)")
+    p.add_argument("--methods", nargs="*", help="methods to compare (default: every registered method, full included)")
     p.add_argument("--options", default="{}", help='per-method options as JSON: \'{"lora": {"r": 16}}\'')
     p.add_argument("--batch", type=int, default=1, help="sequences per device (micro-batch)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (inference: prompt tokens)")
@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                        "3: + weights sharded over --devices)")
     p.add_argument("--fsdp", action="store_true", help="FSDP full sharding (ZeRO-3) over --devices")
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    p.add_argument("--keep-grads", dest="set_to_none", action="store_false",
+                   help="the loop calls zero_grad(set_to_none=False): gradients are held through the forward "
+                        "(default: PyTorch's set_to_none=True, none exist during the forward)")
+    p.add_argument("--grad-accumulation", type=int, default=1,
+                   help="micro-batches per optimizer step (above 1 the gradients are held through the forward)")
     p.add_argument("--inference", action="store_true", help="serve instead of train: weights + KV cache + prefill")
     p.add_argument("--context", type=int, help="--inference: positions in the KV cache (default --seq)")
     p.add_argument("--attention", default="auto", help="auto, flash, math, eager")
@@ -57,7 +62,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "checkpointing": args.checkpointing, "zero": args.zero, "fsdp": args.fsdp, "devices": args.devices,
             "mode": "inference" if args.inference else "train", "context": args.context,
             "attention": args.attention, "device": args.device, "quantize": args.quantize,
-            "double_quant": args.double_quant, "galore_rank": args.galore_rank}
+            "double_quant": args.double_quant, "galore_rank": args.galore_rank, "set_to_none": args.set_to_none,
+            "grad_accumulation": args.grad_accumulation}
 
 
 def _options(text: str) -> dict[str, dict[str, Any]]:
@@ -82,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("name a model: a preset (peftlab estimate --list), an embedded model or a config.json path")
     options = _options(args.options)
     settings = _settings(args)
-    methods = args.methods if args.methods else [core.FULL, *peftlab.methods()]
-    unknown = [m for m in methods if m != core.FULL and m not in peftlab.methods()]
+    methods = args.methods if args.methods else list(peftlab.methods())
+    unknown = [m for m in methods if m not in peftlab.methods()]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known: {[core.FULL, *peftlab.methods()]}")
+        raise ConfigError(f"unknown method(s) {unknown}; known: {list(peftlab.methods())}")
     stray = sorted(set(options) - set(methods))
     if stray:
         raise ConfigError(f"--options names {stray}, which are not among the methods {methods}")

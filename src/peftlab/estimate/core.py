@@ -9,14 +9,15 @@ What is counted and what is modelled:
   (Korthikanti et al. 2022), KV cache, optimizer-step temporaries, sharding (Rajbhandari et al.
   2020, ZeRO, https://arxiv.org/abs/1910.02054), framework overhead.
 
-Training memory is the sum of what stays resident during a step (weights, gradient buffers,
-optimizer states, activations kept for backward) plus the transient buffers at the peak (the
-larger of the loss-gradient buffers at the start of backward and the optimizer-step temporaries
-beyond the activations already freed), as in "Transformer Math 101" (EleutherAI 2023,
-https://blog.eleuther.ai/transformer-math/). Gradients count as resident for the whole step, as
-with DDP buckets, DeepSpeed, Megatron and ``zero_grad(set_to_none=False)``; PyTorch's default
-``set_to_none=True`` frees them between steps, so its peak can be lower by up to
-``min(gradients, activations)``.
+The terms (weights, gradients, optimizer states, activations, KV cache, overhead) are each the
+largest that term gets. They do not all live at the same moment: the peak of a training step is
+modelled phase by phase (:mod:`peftlab.estimate.phases`: forward, backward while activations are
+freed and gradients appear, optimizer step with its temporaries) and ``Estimate.total`` is the
+largest phase, the CUDA context included as a separate constant (:data:`CUDA_CONTEXT`).
+``Estimate.sum_of_terms`` is the old upper bound, every term at its maximum at once.
+Gradients exist from their block's backward until the next ``zero_grad`` (PyTorch's default
+``set_to_none=True``); ``set_to_none=False``, gradient accumulation and DDP keep them for the
+whole step.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from peftlab.core.errors import ConfigError
-from peftlab.estimate import formulas
+from peftlab.estimate import formulas, phases
 from peftlab.estimate.arch import ModelSource, resolve
-from peftlab.estimate.count import FULL, Counts, TensorInfo, count
+from peftlab.estimate.count import Counts, TensorInfo, count
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -56,11 +57,16 @@ DEVICES = ("cuda", "cpu")
 TERMS = ("weights", "quant_constants", "gradients", "optimizer", "activations", "kv_cache", "overhead")
 TERM_LABELS = {"weights": "weights", "quant_constants": "quantization constants", "gradients": "gradients",
                "optimizer": "optimizer states (+fp32 master)", "activations": "activations",
-               "kv_cache": "KV cache", "overhead": "overhead (runtime, transients)"}
+               "kv_cache": "KV cache", "overhead": "overhead (runtime, sharding)"}
+COMPONENT_LABELS = {**TERM_LABELS, "transients": "transients (logits, grads of activations, step temps)"}
+"""Labels of the components of a phase (:data:`peftlab.estimate.phases.COMPONENTS`)."""
 
 CUDA_CONTEXT = 512 * 2**20
 """CUDA context, kernels and library handles: about 0.5 GiB per process on recent GPUs. It is
-outside PyTorch's allocator, so ``torch.cuda.max_memory_allocated`` does not include it."""
+outside PyTorch's allocator, so ``torch.cuda.max_memory_allocated`` does not include it: it is
+the one constant term of every CUDA phase, and ``Estimate.allocated_peak`` leaves it out (what
+``max_memory_allocated`` and published "peak memory allocated/active" figures measure). The
+caching allocator's reserve above the allocated bytes (fragmentation) is not modelled."""
 CPU_RUNTIME = 16 * 2**20
 """CPU training above the loaded model, independent of its size: autograd engine and OpenMP
 worker threads (stacks), oneDNN/MKL scratch and the allocator's arenas. A measured constant:
@@ -100,13 +106,43 @@ class Estimate:
     overhead: int
     details: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    """``{phase: {component: bytes}}``: what is allocated at the peak of each phase of a training
+    step (``forward``, ``backward``, ``optimizer step``) or of serving (``inference``); the
+    components are :data:`peftlab.estimate.phases.COMPONENTS` and sum to the phase total."""
+    peak_moment: str = ""
+    """The moment of the backward sweep at which the backward phase peaks (``block 0 backward``...)."""
+    runtime: int = 0
+    """The constant runtime term inside ``overhead`` (CUDA context, or the CPU runtime)."""
 
     @property
     def total(self) -> int:
+        """Peak memory per device: the largest phase (the sum of the terms when no phase is known)."""
+        totals = self.phase_totals()
+        return max(totals.values()) if totals else self.sum_of_terms
+
+    @property
+    def sum_of_terms(self) -> int:
+        """Every term at its maximum at once: an upper bound of the peak."""
         return sum(self.terms().values())
 
+    @property
+    def peak_phase(self) -> str:
+        """The phase holding the peak (``""`` when no phase is known)."""
+        totals = self.phase_totals()
+        return max(totals, key=lambda k: totals[k]) if totals else ""
+
+    @property
+    def allocated_peak(self) -> int:
+        """The peak without the runtime constant: what ``torch.cuda.max_memory_allocated`` measures."""
+        return self.total - self.runtime
+
+    def phase_totals(self) -> dict[str, int]:
+        """``{phase: bytes}`` in step order."""
+        return {k: sum(v.values()) for k, v in self.phases.items()}
+
     def terms(self) -> dict[str, int]:
-        """The terms in display order: weights ... overhead."""
+        """The terms in display order: weights ... overhead, each at its own maximum."""
         return {t: getattr(self, t) for t in TERMS}
 
     def table(self, units: str = "GB") -> str:
@@ -118,6 +154,10 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["total"] = self.total
+        out["peak_phase"] = self.peak_phase
+        out["phase_totals"] = self.phase_totals()
+        out["sum_of_terms"] = self.sum_of_terms
+        out["allocated_peak"] = self.allocated_peak
         out["notes"] = list(self.notes)
         return out
 
@@ -200,13 +240,13 @@ def estimate(model: Any, method: Any = "lora", options: dict[str, Any] | None = 
              optimizer: str = "adamw", checkpointing: str = "none", zero: int = 0, fsdp: bool = False,
              devices: int = 1, mode: str = "train", context: int | None = None, attention: str = "auto",
              device: str = "cuda", quantize: str | None = None, double_quant: bool = True, galore_rank: int = 128,
-             head: str | None = None) -> Estimate:
+             head: str | None = None, set_to_none: bool = True, grad_accumulation: int = 1) -> Estimate:
     """Estimate the memory per device to train (or serve) ``model`` with ``method``.
 
     Args:
         model: Preset name, embedded model name, ``config.json`` path, config dict or
             ``PretrainedConfig`` (see :func:`peftlab.estimate.arch.resolve`).
-        method: ``"full"`` (every parameter trains), a registered method name, or a ``Method``.
+        method: A registered method name (``"full"``: every parameter trains) or a ``Method``.
         options: The method's options (``{"r": 16}``), as for :func:`peftlab.attach`.
         batch: Sequences per device (micro-batch).
         seq: Tokens per sequence (training), or tokens of the prompt (inference prefill).
@@ -230,9 +270,14 @@ def estimate(model: Any, method: Any = "lora", options: dict[str, Any] | None = 
         double_quant: With ``quantize``: QLoRA's double quantization of the block constants.
         galore_rank: Rank of the projection with ``optimizer="galore"``.
         head: Override the model head (``causal-lm``, ``classifier``, ``base``).
+        set_to_none: The training loop's ``zero_grad(set_to_none=...)``: True (PyTorch's default)
+            frees the gradients between steps, so the forward holds none; False keeps them.
+        grad_accumulation: Micro-batches per optimizer step; above 1 the gradients of earlier
+            micro-batches are held through the forward and backward of the later ones.
 
     Returns:
-        An :class:`Estimate` whose ``total`` is the peak per device.
+        An :class:`Estimate` whose ``total`` is the peak per device, the largest of its
+        ``phases``.
 
     Raises:
         ConfigError: Impossible settings (non-positive sizes, unknown names, a method that
@@ -243,7 +288,8 @@ def estimate(model: Any, method: Any = "lora", options: dict[str, Any] | None = 
         >>> print(e.table())
     """
     settings = _settings(batch, seq, dtype, mixed_precision, optimizer, checkpointing, zero, fsdp, devices, mode,
-                         context, attention, device, quantize, double_quant, galore_rank)
+                         context, attention, device, quantize, double_quant, galore_rank, set_to_none,
+                         grad_accumulation)
     source = model if isinstance(model, ModelSource) else resolve(model, head)
     torch_dtype = DTYPES[settings["dtype"]]
     counts = count(source, method, options, torch_dtype)
@@ -253,7 +299,7 @@ def estimate(model: Any, method: Any = "lora", options: dict[str, Any] | None = 
 def _settings(batch: int, seq: int, dtype: str | torch.dtype, mixed_precision: bool, optimizer: str,
               checkpointing: str, zero: int, fsdp: bool, devices: int, mode: str, context: int | None,
               attention: str, device: str, quantize: str | None = None, double_quant: bool = True,
-              galore_rank: int = 128) -> dict[str, Any]:
+              galore_rank: int = 128, set_to_none: bool = True, grad_accumulation: int = 1) -> dict[str, Any]:
     """Check every setting (each error names the fix) and return them as a JSON-ready dict."""
     batch, seq, devices = _positive("batch", batch), _positive("seq", seq), _positive("devices", devices)
     torch_dtype = _dtype(dtype)
@@ -271,6 +317,7 @@ def _settings(batch: int, seq: int, dtype: str | torch.dtype, mixed_precision: b
     if quantize is not None:
         _choice("quantize", quantize, QUANTIZE)
     _positive("galore_rank", galore_rank)
+    _positive("grad_accumulation", grad_accumulation)
     if context is not None:
         _positive("context", context)
         if mode != "inference":
@@ -279,7 +326,7 @@ def _settings(batch: int, seq: int, dtype: str | torch.dtype, mixed_precision: b
             "optimizer": optimizer, "checkpointing": checkpointing, "zero": 3 if fsdp else zero, "fsdp": bool(fsdp),
             "devices": devices, "mode": mode, "context": context if mode == "inference" else None,
             "attention": attention, "device": device, "quantize": quantize, "double_quant": bool(double_quant),
-            "galore_rank": galore_rank}
+            "galore_rank": galore_rank, "set_to_none": bool(set_to_none), "grad_accumulation": grad_accumulation}
 
 
 def check_settings(batch: int, seq: int, **settings: Any) -> dict[str, Any]:
@@ -370,7 +417,7 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
     prefix = max(int(m.extra_key_tokens()) if m is not None else 0,
                  max((a.extra_keys for a in c.structure.attention), default=0))
     kv_cache = 0.0
-    loss_transient = 0.0
+    act = None
     arch = c.arch
     if train:
         act = formulas.activations(c.structure, batch, seq, e, st["device"], st["attention"], st["checkpointing"],
@@ -388,7 +435,6 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
             activations += copies
             notes.append("fp32 weights with mixed precision is autocast: activations are 16-bit, and every linear "
                          "weight used inside the graph keeps a 16-bit copy until backward")
-        loss_transient = act.loss_transient
         notes.append(f"activations: {act.applies}; without recomputation the layers keep "
                      f"{_fmt(act.layers)}, the block inputs alone (layers x batch x seq x hidden x bytes) are "
                      f"{_fmt(act.checkpointed_inputs)}")
@@ -414,6 +460,7 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
     # ------------------------------------------------------------------ sharding (ZeRO paper, Sec. 5)
     stage, n = st["zero"], st["devices"]
     gather = 0.0
+    grad_share = 1.0 / n if stage >= 2 else 1.0
     if stage >= 1:
         optimizer /= n
     if stage >= 2:
@@ -435,18 +482,41 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
     runtime = CUDA_CONTEXT if st["device"] == "cuda" else CPU_RUNTIME
     details["overhead: runtime (CUDA context)" if st["device"] == "cuda" else "overhead: runtime (CPU threads, arenas)"] \
         = runtime
-    transient = 0.0
-    if train:
-        details["overhead: loss-gradient buffers at the start of backward (fp32)"] = loss_transient
-        details["overhead: optimizer-step temporaries"] = step_temp
-        transient = max(loss_transient, step_temp - activations, 0.0)
+    dequant = 0.0
     if quantized or c.quantized:
         dequant = e * (max(q[1] for q in c.quantized) if c.quantized else c.structure.max_linear)
         details["overhead: one dequantized weight"] = dequant
-        transient += dequant
-    overhead = runtime + transient + gather
+    overhead = runtime + dequant + gather
     terms = {"weights": weights, "quant_constants": constants, "gradients": gradients, "optimizer": optimizer,
              "activations": activations, "kv_cache": kv_cache, "overhead": overhead}
+
+    # ------------------------------------------------------------------ the step, phase by phase
+    peak_moment = ""
+    if train and act is not None:
+        resident = (not st["set_to_none"]) or st["grad_accumulation"] > 1 or (n > 1 and stage == 0)
+        grads = _gradients(trainable, grad_share, resident)
+        s_q = seq + virtual
+        impls = {formulas.attention_impl(a, st["attention"], st["device"], e) for a in c.structure.attention}
+        impl = "flash" if impls <= {"flash"} else "math"
+        block_transient = formulas.backward_transient(arch.hidden, arch.heads, arch.kv_heads, arch.head_dim,
+                                                      arch.intermediate, c.structure.gated, batch * s_q, s_q,
+                                                      s_q + prefix, batch, e, impl) if act.per_block else 0.0
+        details["transients: logits and their fp32 copy at the end of the forward"] = act.logits + act.logits_upcast
+        details["transients: loss-gradient buffers at the start of backward (fp32)"] = act.loss_transient
+        details["transients: one block's backward (gradients of its activations)"] = block_transient
+        details["transients: optimizer-step temporaries"] = step_temp
+        phase_parts, peak_moment = phases.training(weights, constants, optimizer, overhead, act, grads,
+                                                   st["checkpointing"], block_transient, step_temp)
+        if resident:
+            why = ("zero_grad(set_to_none=False)" if not st["set_to_none"] else
+                   f"{st['grad_accumulation']} accumulated micro-batches" if st["grad_accumulation"] > 1 else
+                   "DDP's gradient buckets")
+            notes.append(f"gradients are held for the whole step ({why}), the forward included")
+        else:
+            notes.append("gradients appear during the backward and are freed by zero_grad(set_to_none=True) "
+                         "before the next forward")
+    else:
+        phase_parts = phases.inference(weights, constants, activations, kv_cache, overhead)
     if mixed and train and master:
         notes.append("optimizer states include an fp32 master copy of every 16-bit trainable tensor")
     if arch.max_positions and seq > arch.max_positions:
@@ -455,9 +525,33 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
     arch_info = {"hidden": arch.hidden, "layers": arch.layers, "heads": arch.heads, "kv_heads": arch.kv_heads,
                  "head_dim": arch.head_dim, "intermediate": arch.intermediate, "vocab": arch.vocab,
                  "max_positions": arch.max_positions, "head": source.head}
-    return Estimate(source.name, c.method, dict(c.options), st, params, arch_info,
-                    **{k: int(round(v)) for k, v in terms.items()},
-                    details={k: int(round(v)) for k, v in details.items()}, notes=tuple(notes))
+    rounded = {name: {k: int(round(v)) for k, v in part.items()} for name, part in phase_parts.items()}
+    est = Estimate(source.name, c.method, dict(c.options), st, params, arch_info,
+                   **{k: int(round(v)) for k, v in terms.items()},
+                   details={k: int(round(v)) for k, v in details.items()}, notes=tuple(notes), phases=rounded,
+                   peak_moment=peak_moment, runtime=int(runtime))
+    if train:
+        totals = est.phase_totals()
+        where = est.peak_phase + (f" ({peak_moment})" if est.peak_phase == "backward" else "")
+        est = replace(est, notes=est.notes + (
+            f"peak in the {where}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in totals.items())
+            + f"; every term at its maximum at once would be {_fmt(est.sum_of_terms)}",))
+    return est
+
+
+def _gradients(trainable: list[TensorInfo], share: float, resident: bool) -> phases.Gradients:
+    """Gradient bytes by the moment of the backward they appear in (``TensorInfo.stage``)."""
+    blocks: dict[int, float] = {}
+    head = early = 0.0
+    for t in trainable:
+        size = t.bytes * share
+        if t.stage == "block" and t.block is not None:
+            blocks[t.block] = blocks.get(t.block, 0.0) + size
+        elif t.stage == "early":
+            early += size
+        else:
+            head += size
+    return phases.Gradients(head, blocks, early, resident)
 
 
 def _galore_projects(t: TensorInfo, rank: int) -> bool:
@@ -537,7 +631,7 @@ def fit(budget: str | int, model: Any, methods: Iterable[Any] | None = None,
 
     Args:
         budget: Bytes per device, or a size such as ``"24GB"`` / ``"24GiB"``.
-        methods: Methods to try (default: ``full`` and every registered method).
+        methods: Methods to try (default: every registered method, ``full`` included).
         options: Per-method options: ``{"lora": {"r": 16}}``.
         batch, seq: The setting checked for ``fits``; ``max_seq`` is searched at ``batch`` and
             ``max_batch`` at ``seq``.
@@ -555,7 +649,7 @@ def fit(budget: str | int, model: Any, methods: Iterable[Any] | None = None,
         raise ConfigError(f"fit got unknown setting(s) {sorted(keywords)}; known: {sorted(_SETTING_NAMES)}")
     _settings(batch, seq, **{**_DEFAULTS, **settings})  # bad settings are errors, not "does not fit"
     source = model if isinstance(model, ModelSource) else resolve(model, head)
-    names = list(methods) if methods is not None else [FULL, *peftlab.methods()]
+    names = list(methods) if methods is not None else list(peftlab.methods())
     options = options or {}
     out = []
     for meth in names:
@@ -579,7 +673,7 @@ def fit(budget: str | int, model: Any, methods: Iterable[Any] | None = None,
 _DEFAULTS: dict[str, Any] = {"dtype": "bf16", "mixed_precision": True, "optimizer": "adamw", "checkpointing": "none",
                              "zero": 0, "fsdp": False, "devices": 1, "mode": "train", "context": None,
                              "attention": "auto", "device": "cuda", "quantize": None, "double_quant": True,
-                             "galore_rank": 128}
+                             "galore_rank": 128, "set_to_none": True, "grad_accumulation": 1}
 _SETTING_NAMES = tuple(_DEFAULTS)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ PROBE_TOKENS = 16
 """Sequence length of the meta-device probe forward (any length works; sizes are per token)."""
 
 FULL = "full"
-"""The estimator's built-in pseudo-method: every parameter trains, nothing is attached."""
+"""Name of the registered full fine-tuning method (``peftlab.methods.full``); kept for callers that
+imported it from here. It is counted like every other method: attached, then listed."""
 
 FUSED_NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d")
 """Norm classes computed by one kernel that keeps only its input (plus per-token statistics);
@@ -62,6 +63,14 @@ class TensorInfo:
     linear: bool
     """A base model's 2-D linear weight other than the output head: what 4-bit quantization stores
     in 4 bits when it is frozen (QLoRA), and what GaLore projects when it trains."""
+    block: int | None = None
+    """Transformer block the tensor belongs to (None: outside the blocks)."""
+    stage: str = "head"
+    """When its gradient appears in the backward pass, which runs in reverse order of the forward:
+    ``"head"`` at the start (last used after the blocks: LM head, final norm, a tied embedding),
+    ``"block"`` during its block's backward, ``"early"`` at the end (used only before the blocks:
+    embeddings, soft prompts, prefix encoders). A tensor no module call shows counts as ``"head"``,
+    the conservative choice (its gradient then lives through the whole backward)."""
 
     @property
     def numel(self) -> int:
@@ -90,6 +99,9 @@ class Site:
     bytes: str | int
     per_token: bool
     label: str
+    after: bool = False
+    """Outside the blocks and after them (final norm, LM-head input): freed before the blocks'
+    backward starts; ``False`` for sites before the blocks (embeddings), kept to the end."""
 
 
 @dataclass(frozen=True)
@@ -171,13 +183,9 @@ def count(source: ModelSource, method: str | Any, options: dict[str, Any] | None
         if options:
             raise ConfigError("pass options either inside the Method instance or with a method name, not both")
         name, method_obj = method.method_name, method
-    elif method == FULL:
-        if options:
-            raise ConfigError(f"'full' fine-tuning takes no options (got {sorted(options)})")
-        name, method_obj = FULL, None
     else:
         name, method_obj = str(method), get_method(str(method), **options)
-    key = (source, name, type(method_obj), method_obj.to_json() if method_obj is not None else "", str(dtype))
+    key = (source, name, type(method_obj), method_obj.to_json(), str(dtype))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -191,25 +199,18 @@ def _count(source: ModelSource, name: str, method_obj: Any, dtype: torch.dtype) 
     import peftlab
 
     model = source.build_meta(dtype)
-    if method_obj is not None:
-        try:
-            peftlab.attach(model, method_obj)
-        except ConfigError as e:
-            raise type(e)(f"{name} on {source.name}: {e}") from e
-    unique = {id(p): (k, p) for k, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    try:
+        peftlab.attach(model, method_obj)
+    except ConfigError as e:
+        raise type(e)(f"{name} on {source.name}: {e}") from e
+    named = list(model.named_parameters(remove_duplicate=False))
+    unique = {id(p): (k, p) for k, p in reversed(named)}
     params = sorted(unique.values(), key=lambda kp: kp[0])
-    adapter_ids: set[int] = set()
-    if method_obj is not None:
-        s = peftlab.summary(model)
-        total, base, trainable = s.total, s.base, s.trainable
-        base_keys = set(peftlab.adapters(model) and _base_keys(model))
-        adapter_ids = {id(t) for k, t in peftlab.adapter_parameters(model, "default").items() if k not in base_keys}
-    else:
-        total = base = trainable = sum(p.numel() for _, p in params)
+    s = peftlab.summary(model)
+    total, base, trainable = s.total, s.base, s.trainable
+    base_keys = set(peftlab.adapters(model) and _base_keys(model))
+    adapter_ids = {id(t) for k, t in peftlab.adapter_parameters(model, "default").items() if k not in base_keys}
     linear = _linear_weights(model)
-    tensors = tuple(TensorInfo(k, tuple(p.shape), p.element_size(), p.is_floating_point(), p.requires_grad,
-                               id(p) in adapter_ids, id(p) in linear and id(p) not in adapter_ids)
-                    for k, p in params)
     quantized = tuple((i.kind, i.numel, i.code_bytes, i.constant_bytes)
                       for i in (m.quant_info() for m in model.modules() if callable(getattr(m, "quant_info", None))))
     buffers = {id(b): b for b in model.buffers()}
@@ -218,10 +219,47 @@ def _count(source: ModelSource, name: str, method_obj: Any, dtype: torch.dtype) 
     blocks_path, blocks = _blocks(model, arch.layers)
     block_params = tuple(sum(p.numel() * p.element_size() for p in {id(q): q for q in b.parameters()}.values())
                          for b in blocks)
-    structure = _probe(model, blocks_path, blocks, source.head, method_obj)
-    opt_state = method_obj.optimizer_state_elements(model, "default") if method_obj is not None else None
-    return Counts(name, method_obj.options() if method_obj is not None else {}, method_obj, tensors, buffers_bytes,
+    structure, last_call, blocks_end = _probe(model, blocks_path, blocks, source.head, method_obj)
+    placement = _placement(named, blocks_path, last_call, blocks_end)
+    tensors = tuple(TensorInfo(k, tuple(p.shape), p.element_size(), p.is_floating_point(), p.requires_grad,
+                               id(p) in adapter_ids, id(p) in linear and id(p) not in adapter_ids,
+                               *placement[id(p)])
+                    for k, p in params)
+    opt_state = method_obj.optimizer_state_elements(model, "default")
+    return Counts(name, method_obj.options(), method_obj, tensors, buffers_bytes,
                   total, base, trainable, arch, structure, block_params, quantized, opt_state)
+
+
+def _placement(named: list[tuple[str, nn.Parameter]], blocks_path: str | None, last_call: dict[str, int],
+               blocks_end: int | None) -> dict[int, tuple[int | None, str]]:
+    """``{id(parameter): (block, stage)}`` (see :attr:`TensorInfo.stage`).
+
+    A tensor under the blocks' ``ModuleList`` belongs to its block. Any other tensor is placed by
+    the last forward call of a module holding it (under any of its names, so a tied embedding is
+    placed by the LM head that reuses it): after the last block ends -> ``"head"``, before ->
+    ``"early"``; no call seen -> ``"head"``.
+    """
+    prefix = f"{blocks_path}." if blocks_path else None
+    out: dict[int, tuple[int | None, str]] = {}
+    last: dict[int, int] = {}
+    for key, p in named:
+        if prefix and key.startswith(prefix):
+            out.setdefault(id(p), (int(key[len(prefix):].split(".", 1)[0]), "block"))
+        module = key.rsplit(".", 1)[0] if "." in key else ""
+        # the innermost module holding the tensor that ran, else an enclosing one that did
+        parts = module.split(".") if module else []
+        for n in range(len(parts), -1, -1):
+            call = last_call.get(".".join(parts[:n]))
+            if call is not None:
+                last[id(p)] = max(last.get(id(p), -1), call)
+                break
+    for key, p in named:
+        if id(p) in out:
+            continue
+        call = last.get(id(p))
+        early = call is not None and blocks_end is not None and call <= blocks_end
+        out[id(p)] = (None, "early" if early else "head")
+    return out
 
 
 def _base_keys(model: nn.Module) -> list[str]:
@@ -271,21 +309,39 @@ class _SDPA(TorchFunctionMode):
             self.probe.on_sdpa(args, kwargs, out)
         elif func is torch.nn.functional.linear:
             w = args[1] if len(args) > 1 else kwargs.get("weight")
-            # A trainable weight built on the fly (a DyLoRA rank slice, a Kronecker product):
-            # no module call shows it, yet its input is saved for the weight's gradient.
-            if isinstance(w, torch.Tensor) and w.requires_grad and not isinstance(w, nn.Parameter):
+            # A trainable weight no linear module call shows (a DyLoRA rank slice, a Kronecker
+            # product, an adapter factor applied with F.linear inside its layer's forward): its
+            # input is saved for the weight's gradient all the same.
+            if isinstance(w, torch.Tensor) and w.requires_grad and id(w) not in self.probe.module_weights:
                 self.probe.on_derived_linear(args[0], w)
+        elif func in _ADDMMS and len(args) >= 3:
+            # ``addmm(y, x, W)`` with a trainable 2-D ``W`` (VeRA's scaled B): ``x`` is kept, as for ``x @ W``.
+            x, w = args[1], args[2]
+            if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.requires_grad and w.dim() == 2
+                    and x.dim() == 2 and x.shape[-1] == w.shape[0] and self.probe.tokens(x) >= PROBE_TOKENS
+                    and id(w) not in self.probe.module_weights):  # GPT-2's Conv1D: its module call counted it
+                self.probe.on_derived_linear(x, w.T)
+        elif func in _MULS and len(args) >= 2:
+            # ``x * v`` with ``v`` a trainable parameter (or a view of one) smaller than the activation
+            # ``x`` ((IA)^3's scales, VeRA's lambda_d): autograd keeps ``x`` for ``v``'s gradient.
+            for x, v in ((args[0], args[1]), (args[1], args[0])):
+                if isinstance(x, torch.Tensor) and isinstance(v, torch.Tensor) and self.probe.scales(x, v):
+                    self.probe.on_scaled(x, v)
+                    break
         elif func in _MATMULS and len(args) >= 2:
             # ``x @ W`` with a trainable 2-D ``W`` (FLoRA's factors and core, LoRA on embeddings):
             # the activation ``x`` is saved for ``W``'s gradient, as with a linear layer.
             x, w = args[0], args[1]
             if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.requires_grad and w.dim() == 2
-                    and x.dim() >= 2 and x.shape[-1] == w.shape[0] and self.probe.tokens(x) >= PROBE_TOKENS):
+                    and x.dim() >= 2 and x.shape[-1] == w.shape[0] and self.probe.tokens(x) >= PROBE_TOKENS
+                    and id(w) not in self.probe.module_weights):
                 self.probe.on_derived_linear(x, w.T)
         return out
 
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
+_ADDMMS = (torch.addmm, torch.Tensor.addmm)
+_MULS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 
 
 @dataclass
@@ -313,6 +369,10 @@ class _Probe:
         self.attention: list[tuple[int, AttentionCall]] = []
         self.block_inputs: list[tuple[int, int, int]] = []
         self.block_ends: dict[int, int] = {}
+        self.last_call: dict[str, int] = {}
+        self.module_weights: set[int] = set()
+        """Ids of the weights of linear modules whose calls the hooks recorded (not derived)."""
+        """Module path -> number of its last call (when its parameters were last used)."""
         self.linears: list[tuple[int, int]] = []
         self.first_trainable: int | None = None
         self.block: int | None = None
@@ -323,6 +383,11 @@ class _Probe:
         for path, _ in model.named_modules():
             if prefix and path.startswith(prefix):
                 self.block_of[path] = int(path[len(prefix):].split(".", 1)[0])
+        self.model_tensors = {id(t) for t in [*model.parameters(), *model.buffers()]}
+        """Parameters and buffers: never activations, whatever their shape."""
+        self.norm_parameters = {id(p) for m in model.modules() if "Norm" in type(m).__name__
+                                for p in m.parameters(recurse=False)}
+        """A norm's trained weight keeps its input through :meth:`_norm` already."""
         self.handles = []
         index = {id(b): i for i, b in enumerate(blocks)}
         self.open_calls: dict[int, list[int]] = {}
@@ -337,7 +402,7 @@ class _Probe:
         for h in self.handles:
             h.remove()
 
-    def _pre(self, path: str, m: nn.Module, block_index: int | None) -> Callable:
+    def _pre(self, path: str, m: nn.Module, block_index: int | None) -> Callable:  # noqa: C901
         trains_here = any(p.requires_grad for p in m.parameters(recurse=False)) or any(
             isinstance(c, (nn.ParameterDict, nn.ParameterList)) and any(p.requires_grad for p in c.parameters())
             for c in m.children())
@@ -351,6 +416,7 @@ class _Probe:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.calls += 1
             call = self.calls
+            self.last_call[path] = call
             self.open_calls.setdefault(id(module), []).append(call)
             # The graph starts at the first call that owns a trainable tensor or receives a tensor
             # that requires grad (a soft prompt in the embeddings, a prefix in a cache argument).
@@ -411,8 +477,30 @@ class _Probe:
             self.groups[id(x)] = g
         g.members.append(("<derived weight>", int(w.shape[0]), True, w.numel()))
 
+    def scales(self, x: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether ``x * v`` is an activation ``x`` scaled by a trainable parameter ``v`` (or a view
+        of one) with fewer elements: a product that keeps ``x`` for ``v``'s gradient."""
+        owner = v if v._base is None else v._base
+        return (v.requires_grad and id(owner) in self.model_tensors and id(owner) not in self.norm_parameters
+                and x.is_floating_point() and x.dim() >= 2 and v.numel() < x.numel()
+                and id(x if x._base is None else x._base) not in self.model_tensors
+                and self.tokens(x) >= PROBE_TOKENS)
+
+    def on_scaled(self, x: torch.Tensor, v: torch.Tensor) -> None:
+        """``x * v`` (see :meth:`scales`): ``x`` is kept, once however many products read it."""
+        self.calls += 1
+        if self.first_trainable is None:
+            self.first_trainable = self.calls
+        self.keep.append(x)
+        g = self.groups.get(id(x))
+        if g is None:
+            g = _Group(self.block, int(x.shape[-1]), self.tokens(x), x.element_size(), x.dtype, self.calls)
+            self.groups[id(x)] = g
+        g.members.append(("<trained scale>", 0, True, v.numel()))
+
     def _linear(self, path: str, m: nn.Module, x: torch.Tensor, block: int | None, call: int) -> None:
         self.keep.append(x)
+        self.module_weights.add(id(m.weight))
         g = self.groups.get(id(x))
         if g is None:
             g = _Group(block, int(x.shape[-1]), self.tokens(x), x.element_size(), x.dtype, call)
@@ -455,7 +543,12 @@ class _Probe:
         def in_graph(call: int) -> bool:
             return start is not None and call >= start
 
-        sites = [s for c, s in self.sites if in_graph(c)]
+        end = max(self.block_ends.values(), default=None)
+
+        def after(call: int) -> bool:
+            return end is not None and call > end
+
+        sites = [replace(s, after=True) if s.block is None and after(c) else s for c, s in self.sites if in_graph(c)]
         act_widths = {s.width for _, s in self.sites if s.kind == "activation" and s.block is not None}
         gated = any(g.block is not None and sum(1 for m in g.members if m[1] in act_widths) >= 2
                     for g in self.groups.values())
@@ -466,7 +559,8 @@ class _Probe:
             names = [p.rsplit(".", 1)[-1] for p, *_ in g.members]
             label = "input of " + ", ".join(dict.fromkeys(names))
             kind = "attention-output" if g.after_attention and nbytes == "act" else "linear-input"
-            sites.append(Site(g.block, kind, g.width, 1, nbytes, g.tokens >= PROBE_TOKENS, label))
+            sites.append(Site(g.block, kind, g.width, 1, nbytes, g.tokens >= PROBE_TOKENS, label,
+                              g.block is None and after(g.call)))
         if gated:
             for c, s in self.sites:
                 if s.kind == "activation" and s.block is not None and in_graph(c):
@@ -517,8 +611,10 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _probe(model: nn.Module, blocks_path: str | None, blocks: list[nn.Module], head: str, method_obj: Any) -> Structure:
-    """Run the meta forward with hooks and return the :class:`Structure`."""
+def _probe(model: nn.Module, blocks_path: str | None, blocks: list[nn.Module], head: str,
+           method_obj: Any) -> tuple[Structure, dict[str, int], int | None]:
+    """Run the meta forward with hooks; return the :class:`Structure`, the last call number of every
+    module path, and the call number at which the last block ended (None: no block ran)."""
     probe = _Probe(model, blocks_path, blocks)
     model.train()
     ids = torch.ones(1, PROBE_TOKENS, dtype=torch.long, device="meta")
@@ -530,5 +626,5 @@ def _probe(model: nn.Module, blocks_path: str | None, blocks: list[nn.Module], h
                           f"{e}); the estimator needs a model whose forward runs on the meta device") from e
     finally:
         probe.close()
-    return probe.structure(len(blocks), head)
+    return probe.structure(len(blocks), head), dict(probe.last_call), max(probe.block_ends.values(), default=None)
 

@@ -138,6 +138,15 @@ class Activations:
         outside: Embedding, final norm and head tensors outside the blocks.
         loss: The fp32 log-softmax the LM loss keeps.
         loss_transient: fp32 buffers of the loss gradient at the start of backward.
+        per_block: ``(block, bytes kept without recomputation)`` in forward order (attention
+            scores included unless selective recomputation drops them).
+        inputs_per_block: ``(block, input bytes)``: what full recomputation keeps per block.
+        outside_after: The part of ``outside`` after the blocks (final norm, LM-head input),
+            freed before the blocks' backward; the rest (embeddings side) lives to the end.
+        scores_per_block: ``(block, s^2 bytes)``; under selective recomputation these are
+            recomputed (live again) during the block's backward.
+        logits: The LM head's output in the activation dtype, alive while the loss is computed.
+        logits_upcast: The loss' fp32 copy of the logits (0 when the logits are fp32 already).
     """
 
     total: float
@@ -149,6 +158,12 @@ class Activations:
     loss: float
     loss_transient: float
     applies: str
+    per_block: tuple[tuple[int, float], ...] = ()
+    inputs_per_block: tuple[tuple[int, float], ...] = ()
+    outside_after: float = 0.0
+    scores_per_block: tuple[tuple[int, float], ...] = ()
+    logits: float = 0.0
+    logits_upcast: float = 0.0
 
 
 def activations(st: Structure, batch: int, seq: int, e: int, device: str, attention: str,
@@ -168,7 +183,7 @@ def activations(st: Structure, batch: int, seq: int, e: int, device: str, attent
     per_block: dict[int, float] = {b: 0.0 for b, _ in st.block_inputs}
     scores_total = 0.0
     impls = {a.block: attention_impl(a, attention, device, e) for a in st.attention}
-    outside = 0.0
+    outside = outside_after = 0.0
     for site in st.sites:
         if site.kind == "attention-output" and impls.get(site.block) == "flash":
             continue  # the flash kernel's output O is this tensor; counted with the attention
@@ -177,9 +192,11 @@ def activations(st: Structure, batch: int, seq: int, e: int, device: str, attent
         n = site_bytes(site, batch, s_q, e, mask)
         if site.block is None:
             outside += n
+            outside_after += n if site.after else 0.0
         else:
             per_block[site.block] = per_block.get(site.block, 0.0) + n
     keep_scores = checkpointing != "selective"
+    scores_by_block: dict[int, float] = {}
     for call in st.attention:
         impl = impls[call.block]
         # PyTorch's math path computes 16-bit attention in fp32 on CPU (and keeps those tensors).
@@ -188,18 +205,51 @@ def activations(st: Structure, batch: int, seq: int, e: int, device: str, attent
         scores_total += scores
         key = call.block if call.block is not None else -1
         per_block[key] = per_block.get(key, 0.0) + kept + scores
+        if not keep_scores:  # recomputed in the block's backward: live again there
+            scores_by_block[key] = scores_by_block.get(key, 0.0) + attention_bytes(call, batch, s_q, s_k, ea, ma,
+                                                                                     impl, True)[1]
     layers = sum(per_block.values())
     inputs = sum(batch * s_q * width * e for _, width in st.block_inputs)
     biggest = max(per_block.values(), default=0.0)
     loss = 4.0 * batch * s_q * st.loss_vocab
     transient = 8.0 * batch * s_q * st.loss_vocab
+    logits = float(e) * batch * s_q * st.loss_vocab
+    upcast = 4.0 * batch * s_q * st.loss_vocab if e < 4 else 0.0
+    inputs_by_block = {b: batch * s_q * width * e for b, width in st.block_inputs}
+    order = sorted(per_block)
     if checkpointing == "full":
         total, applies = inputs + biggest + outside + loss, "full recomputation: block inputs + one recomputed block"
     else:
         total = layers + outside + loss
         applies = ("selective recomputation: all kept tensors but the attention scores" if checkpointing == "selective"
                    else "no recomputation: every tensor kept for backward")
-    return Activations(total, layers, inputs, biggest, scores_total, outside, loss, transient, applies)
+    return Activations(total, layers, inputs, biggest, scores_total, outside, loss, transient, applies,
+                       tuple((b, per_block[b]) for b in order), tuple(sorted(inputs_by_block.items())), outside_after,
+                       tuple(sorted(scores_by_block.items())), logits, upcast)
+
+
+def backward_transient(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, gated: bool,
+                       tokens: int, s_q: int, s_k: int, batch: int, e: int, attention: str) -> float:
+    """Bytes one block's backward allocates beyond its saved tensors and the weight gradients: the
+    gradients of its activations while they flow through it. The larger of
+
+    * the MLP: the incoming gradient and the gradient of the block input (``2 h``) plus the
+      gradients of the intermediate tensors live at once (``3 I`` for a gated MLP: of the product,
+      of the gate and of the up projection; ``2 I`` otherwise);
+    * the attention: the incoming gradient and ``dQ, dK, dV`` (``2 a d + 2 kv d``), plus, for
+      memory-efficient kernels, the fp32 ``dQ`` accumulator of FlashAttention-2's backward
+      (``4 a d`` bytes per token), or, on the math path, the gradients of the softmax and of the
+      scores (``2 a s_q s_k`` elements).
+
+    Every term is per token of the micro-batch (``tokens = batch x s_q``).
+    """
+    mlp = tokens * e * ((3 if gated else 2) * intermediate + 2 * hidden)
+    attn = tokens * e * (2 * heads * head_dim + 2 * kv_heads * head_dim)
+    if attention in ("flash",):
+        attn += tokens * 4 * heads * head_dim
+    else:
+        attn += 2.0 * batch * heads * s_q * s_k * e
+    return float(max(mlp, attn))
 
 
 def prefill_bytes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, gated: bool,

@@ -37,6 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "num_key_value_heads": 40, "intermediate_size": 13824, "vocab_size": 32000,
                    "tie_word_embeddings": False, "max_position_embeddings": 4096},
     },
+    "llama-3.2-3b": {
+        "description": "Llama-3.2-3B (meta-llama/Llama-3.2-3B): 3.21B params, GQA 24/8, tied embeddings",
+        "head": "causal-lm",
+        "config": {"model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
+                   "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192, "vocab_size": 128256,
+                   "tie_word_embeddings": True, "max_position_embeddings": 131072},
+    },
     "mistral-7b": {
         "description": "Mistral-7B-v0.1 (mistralai/Mistral-7B-v0.1): 7.24B params, GQA 32/8, sliding window 4096",
         "head": "causal-lm",

@@ -1,4 +1,8 @@
-"""Estimates for people: a terminal table, JSON, and a stacked-bar PNG comparing methods."""
+"""Estimates for people: a terminal table, JSON, and a stacked-bar PNG comparing methods.
+
+The table lists each term at its own maximum, then the total of every phase of the step and the
+peak (the largest phase); the PNG stacks what is allocated at each method's peak, by component.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftlab.estimate.core import TERM_LABELS, TERMS, Estimate, Fit
+from peftlab.estimate.core import COMPONENT_LABELS, TERM_LABELS, TERMS, Estimate, Fit
+from peftlab.estimate.phases import COMPONENTS
 
 UNITS = {"GB": (10**9, 10**6, "GB", "MB"), "GiB": (2**30, 2**20, "GiB", "MiB")}
 COLORS = {"weights": "#4C72B0", "quant_constants": "#8172B3", "gradients": "#DD8452", "optimizer": "#C44E52",
-          "activations": "#55A868", "kv_cache": "#937860", "overhead": "#8C8C8C"}
+          "activations": "#55A868", "kv_cache": "#937860", "overhead": "#8C8C8C", "transients": "#DA8BC3"}
 
 
 def size(n: float, units: str = "GB") -> str:
@@ -59,7 +64,7 @@ def table(estimates: Sequence[Estimate], units: str = "GB", fits: Sequence[Fit] 
     errors = dict(errors or {})
     columns = [e.method for e in estimates] + [m for m in errors if m not in {e.method for e in estimates}]
     by_method = {e.method: e for e in estimates}
-    label_w = max(len(v) for v in TERM_LABELS.values()) + 2
+    label_w = max(len(v) for v in TERM_LABELS.values()) + 8
     col_w = max(14, *(len(c) + 2 for c in columns)) if columns else 14
     lines = []
     if estimates:
@@ -75,7 +80,13 @@ def table(estimates: Sequence[Estimate], units: str = "GB", fits: Sequence[Fit] 
     for t in TERMS:
         row(TERM_LABELS[t], lambda e, t=t: size(getattr(e, t), units))
     lines.append("-" * (label_w + col_w * len(columns)))
-    row("total per device", lambda e: size(e.total, units))
+    row("sum of terms (all at once)", lambda e: size(e.sum_of_terms, units))
+    phase_names = list(dict.fromkeys(k for e in estimates for k in e.phases))
+    if len(phase_names) > 1:
+        for ph in phase_names:
+            row(f"phase: {ph}", lambda e, ph=ph: size(e.phase_totals().get(ph, 0), units)
+                + ("*" if e.peak_phase == ph else " "))
+    row("total per device (peak)", lambda e: size(e.total, units))
     if fits:
         by_fit = {f.method: f for f in fits}
         budget = size(fits[0].budget, units)
@@ -92,6 +103,9 @@ def table(estimates: Sequence[Estimate], units: str = "GB", fits: Sequence[Fit] 
         lines.append("notes:")
         lines += [f"  - {n}" for n in notes]
         lines += [f"  - {m}: n/a: {msg}" for m, msg in errors.items()]
+    if len(phase_names) > 1:
+        lines.append("  - '*': the phase holding the peak; terms are each at their own maximum, which no "
+                     "moment of the step reaches at once")
     if fits and any(f.seq_capped for f in fits):
         lines.append("  - '+': fits up to the model's max_position_embeddings")
     return "\n".join(lines)
@@ -113,7 +127,7 @@ def _notes(estimates: Sequence[Estimate]) -> list[str]:
 def to_json(estimates: Sequence[Estimate], fits: Sequence[Fit] | None = None,
             errors: dict[str, str] | None = None) -> str:
     """All estimates (and fits) as one JSON document; sizes in bytes."""
-    doc: dict[str, Any] = {"estimates": [e.to_dict() for e in estimates]}
+    doc: dict[str, Any] = {"estimates": [e.to_dict() for e in estimates]}  # each with its phases and peak
     if fits is not None:
         doc["fits"] = [{"method": f.method, "budget": f.budget, "fits": f.fits, "max_batch": f.max_batch,
                         "max_seq": f.max_seq, "seq_capped": f.seq_capped, "error": f.error} for f in fits]
@@ -124,7 +138,8 @@ def to_json(estimates: Sequence[Estimate], fits: Sequence[Fit] | None = None,
 
 def png(estimates: Sequence[Estimate], path: str | Path, budget: int | None = None, units: str = "GB",
         errors: dict[str, str] | None = None) -> Path:
-    """A stacked bar per method (one colour per term), the total on top, the budget as a line."""
+    """A stacked bar per method: what is allocated at its peak, one colour per component (the peak
+    phase under the bar), the total on top, the budget as a line."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -135,10 +150,13 @@ def png(estimates: Sequence[Estimate], path: str | Path, budget: int | None = No
     names = [e.method for e in estimates] + [m for m in errors if m not in {e.method for e in estimates}]
     fig, ax = plt.subplots(figsize=(max(6.5, 1.5 * len(names) + 4.5), 5.6), dpi=130)
     bottoms = [0.0] * len(names)
-    used = [t for t in TERMS if any(getattr(e, t) for e in estimates)]
+    def at_peak(e: Estimate) -> dict[str, int]:
+        return e.phases.get(e.peak_phase) or e.terms()
+
+    used = [t for t in COMPONENTS if any(at_peak(e).get(t, 0) for e in estimates)]
     for t in used:
-        values = [getattr(e, t) / big for e in estimates] + [0.0] * (len(names) - len(estimates))
-        ax.bar(names, values, bottom=bottoms, color=COLORS[t], label=TERM_LABELS[t], width=0.62,
+        values = [at_peak(e).get(t, 0) / big for e in estimates] + [0.0] * (len(names) - len(estimates))
+        ax.bar(names, values, bottom=bottoms, color=COLORS[t], label=COMPONENT_LABELS[t], width=0.62,
                edgecolor="white", linewidth=0.6)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     top = max([*bottoms, (budget or 0) / big, 1e-9])
@@ -151,8 +169,11 @@ def png(estimates: Sequence[Estimate], path: str | Path, budget: int | None = No
         ax.axhline(budget / big, color="#222222", linestyle="--", linewidth=1.2)
         ax.text(len(names) - 0.5, budget / big, f"  budget {budget / big:.0f} {big_name}", va="bottom", ha="right",
                 fontsize=9, color="#222222")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n({by.peak_phase})" if (by := {e.method: e for e in estimates}.get(n)) and by.peak_phase
+                        else n for n in names], fontsize=8.5)
     ax.set_ylim(0, top * 1.12)
-    ax.set_ylabel(f"memory per device ({big_name})")
+    ax.set_ylabel(f"peak memory per device ({big_name})")
     if estimates:
         title = describe(estimates[0])
         head, _, rest = title.partition(" | ")
