@@ -165,12 +165,12 @@ class LoKrLayer(LycorisLayer):
         if scalar:
             w1 = w1 * rows  # the scale on the smallest tensor
         x = x.to(w1.dtype)
-        if isinstance(self, nn.Linear):
+        if isinstance(self, nn.Linear):  # weights on the left: batched products over the positions
             xs = x.reshape(*x.shape[:-1], in_m, in_n)
-            if order == "w2_first":  # (X W2^T)^T W1^T = (W1 X W2^T)^T
-                y = ((xs @ w2.T).mT @ w1.T).mT
-            else:  # (X^T W1^T)^T W2^T = W1 X W2^T
-                y = (xs.mT @ w1.T).mT @ w2.T
+            if order == "w2_first":  # W1 (W2 X^T)^T
+                y = w1 @ (w2 @ xs.mT).mT
+            else:  # (W1 X) W2^T = W2 (W1 X)^T, transposed
+                y = (w2 @ (w1 @ xs).mT).mT
             y = y.reshape(*x.shape[:-1], out_l * out_k)
         else:  # Conv2d, groups 1: W2's convolution on the c channel groups as a batch, W1 mixes them
             kernel = w2.reshape(out_k, in_n, *self.weight.shape[2:])
