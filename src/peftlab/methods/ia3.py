@@ -143,6 +143,7 @@ class IA3Layer(MergeableLayer):
 
     def restore(self) -> nn.Module:
         self.__dict__.pop("peftlab_ia3_pre", None)
+        self.__dict__.pop("peftlab_ia3_bias_version", None)
         return super().restore()
 
     # ------------------------------------------------------------------------ forward
@@ -224,18 +225,18 @@ class IA3Layer(MergeableLayer):
             b.copy_((b.float() * s_b).to(b.dtype))
             on_undo(lambda: b.copy_(pre_b), b)
         merged.append(name)
-        self.__dict__.setdefault("peftlab_ia3_pre", {})[name] = (
-            pre_w, pre_b, self._adapter_versions(name), w._version, None if b is None else b._version)
-        self.__dict__["peftlab_weight_version"] = w._version
+        self.__dict__.setdefault("peftlab_ia3_pre", {})[name] = (pre_w, pre_b, self._adapter_versions(name))
+        self._note_versions()
 
     @torch.no_grad()
     def _unmerge_last(self) -> None:
         """Put back the weight (and bias) from before the last merge; if the weight or the vector
         changed since, divide instead (approximate, as peft's unmerge always is)."""
         name = self.peftlab_merged.pop()
-        pre_w, pre_b, versions, w_version, b_version = self.peftlab_ia3_pre.pop(name)
+        pre_w, pre_b, versions = self.peftlab_ia3_pre.pop(name)
         w, b = self.weight, self._parameters.get("bias")
-        exact = versions == self._adapter_versions(name) and w._version == w_version
+        written = self.__dict__.get("peftlab_weight_version"), self.__dict__.get("peftlab_ia3_bias_version")
+        exact = versions == self._adapter_versions(name) and written[0] == w._version
         s_w = self._weight_scale(name)
         if exact:
             w.copy_(pre_w)
@@ -246,13 +247,20 @@ class IA3Layer(MergeableLayer):
         if pre_b is not None and b is not None:
             s_b = self._bias_scale(name)
             assert s_b is not None
-            if exact and b._version == b_version:
+            if exact and written[1] == b._version:
                 b.copy_(pre_b)
                 on_undo(lambda: b.copy_((b.float() * s_b).to(b.dtype)), b)
             else:
                 before_write(b)
                 b.copy_(torch.where(s_b != 0, b.float() / torch.where(s_b != 0, s_b, 1), pre_b.float()).to(b.dtype))
-        self.__dict__["peftlab_weight_version"] = w._version
+        self._note_versions()
+
+    def _note_versions(self) -> None:
+        """Version counters of the weight and bias after this layer's own last write: a later
+        change by anyone else makes the kept pre-merge values stale."""
+        b = self._parameters.get("bias")
+        self.__dict__["peftlab_weight_version"] = self.weight._version
+        self.__dict__["peftlab_ia3_bias_version"] = None if b is None else b._version
 
 
 def layer_kind(module: nn.Module) -> type[IA3Layer] | None:
