@@ -59,7 +59,7 @@ def test_everything_at_the_majority_class_names_no_winner_and_warns_for_each():
     agg = report.aggregate(rows)
     lines = report.guidance(agg, DATA)
     text = "\n".join(lines)
-    assert "Best score" not in text and "within" not in text
+    assert "Best score" not in text and "within 3%" not in text and "of full" not in text
     warnings = [x for x in lines if x.startswith("WARNING")]
     assert len(warnings) == 3 and all("does not beat the majority class ('pos')" in w for w in warnings)
     assert "No method beats the majority-class baseline" in text
@@ -158,3 +158,13 @@ def test_a_load_change_during_the_run_is_warned_about():
     busy = report.load_summary(rows, [])
     assert busy["material"] is True and busy["changed"][0][0].startswith("bitfit")
     assert "WARNING: the machine's load changed" in "\n".join(report.guidance(report.aggregate(rows), DATA, busy))
+
+
+def test_memory_names_the_lowest_only_beyond_the_tie_margin():
+    rows = [row("full", MAJORITY, DATA, peak_train_rss=400 * 2**20), row("lora", MAJORITY, DATA, peak_train_rss=395 * 2**20),
+            row("bitfit", MAJORITY, DATA, peak_train_rss=300 * 2**20)]
+    text = "\n".join(report.guidance(report.aggregate(rows), DATA))
+    assert "Lowest peak training memory (process RSS): **bitfit** (300 MiB" in text
+    rows[2]["peak_train_rss"] = 390 * 2**20
+    text = "\n".join(report.guidance(report.aggregate(rows), DATA))
+    assert "**bitfit**, **lora**, **full**, within 5% of each other" in text

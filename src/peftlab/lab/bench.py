@@ -155,6 +155,7 @@ def data_facts(task: Any, profile: Profile) -> dict[str, Any]:
     chosen by the first seed, when the profile caps them); validation and test are the fixed
     samples every run is scored on (``subset(..., 0)``).
     """
+    from peftlab.lab.metrics import epoch_fraction
     from peftlab.lab.trainer import subset
 
     splits = {s: task.examples(s) for s in ("train", "validation", "test")}
@@ -169,7 +170,7 @@ def data_facts(task: Any, profile: Profile) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "kind": task.kind, "sizes": {s: len(x) for s, x in splits.items()},
         "used": {s: len(x) for s, x in used.items()}, "examples_seen": seen,
-        "epoch_fraction": seen / len(used["train"]) if used["train"] else None,
+        "epoch_fraction": epoch_fraction(profile.steps, profile.batch_size, len(used["train"])) if used["train"] else None,
         "fingerprint": digest.hexdigest()[:16], "labels": list(task.labels) if task.labels else None,
     }
     if task.kind == "classification":

@@ -46,6 +46,8 @@ BOOTSTRAP_SEED = 0
 LOAD_CHANGE_PER_CPU = 0.5
 """A change of the 1-minute load average above ``max(1, this x CPUs)`` is material: on a 2-core
 machine one more busy process changes what a second of wall time buys."""
+MEMORY_TIE = 0.05
+"""Peak resident memory is measured once per run; closer than this fraction is not a difference."""
 SECONDARY = {"accuracy": "macro_f1", "rouge_l": "perplexity"}
 """The secondary metric shown beside a task's primary one."""
 
@@ -63,39 +65,26 @@ def t95(df: float) -> float:
 
 
 # ----------------------------------------------------------------------------- baselines
-def majority_baseline(train_counts: Sequence[int], test_labels: Sequence[int]) -> dict[str, Any]:
-    """Always predict the most frequent training label: its test accuracy and macro-F1.
+def baselines(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The baselines of a bench's data facts (``row["data"]``) on its scored test sample; empty
+    when the task is not a classification.
 
-    Macro-F1 follows :func:`peftlab.lab.metrics.macro_f1` (classes in the references or
-    predictions): the predicted class has F1 ``2p / (1 + p)`` with ``p`` its test share, every
-    other class 0.
+    * majority: always predict the *training* examples' most frequent label (what a model that
+      learned only the label prior answers): its exact accuracy and macro-F1 over every class;
+    * chance: guess uniformly at random: expected accuracy ``1 / k`` and expected macro-F1
+      (:func:`peftlab.lab.metrics.chance_baseline`).
     """
     from peftlab.lab import metrics
 
-    majority = max(range(len(train_counts)), key=lambda c: (train_counts[c], -c))
-    predictions = [majority] * len(test_labels)
-    return {"class": majority, "accuracy": metrics.accuracy(predictions, test_labels),
-            "macro_f1": metrics.macro_f1(predictions, test_labels)}
-
-
-def chance_baseline(num_labels: int, test_labels: Sequence[int]) -> dict[str, Any]:
-    """Guess uniformly at random: expected accuracy ``1 / K``; expected per-class F1 about
-    ``2 p_c / K / (p_c + 1 / K)`` (precision ``p_c``, the class's test share, recall ``1 / K``),
-    averaged over the ``K`` classes."""
-    n, k = len(test_labels), num_labels
-    shares = [sum(1 for y in test_labels if y == c) / n for c in range(k)]
-    f1 = [2 * p / k / (p + 1 / k) if p else 0.0 for p in shares]
-    return {"accuracy": 1.0 / k, "macro_f1": sum(f1) / k}
-
-
-def baselines(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """The baselines of a bench's data facts (``row["data"]``); empty when not a classification."""
     if not data or data.get("kind") != "classification" or not data.get("test_labels"):
         return {}
-    labels, counts = data["labels"], data["counts"]
-    majority = majority_baseline(counts["train"], data["test_labels"])
-    return {"majority": {**majority, "name": f"majority class ({labels[majority['class']]!r})"},
-            "chance": {**chance_baseline(len(labels), data["test_labels"]), "name": "chance (uniform guess)"}}
+    labels, counts, test = data["labels"], data["counts"], data["test_labels"]
+    train = [c for c, n in enumerate(counts["train"]) for _ in range(n)]
+    majority = metrics.majority_baseline(test, train_labels=train, num_classes=len(labels))
+    chance = metrics.chance_baseline(len(labels), test)
+    return {"majority": {"class": majority.predicted_class, "accuracy": majority.accuracy,
+                         "macro_f1": majority.macro_f1, "name": f"majority class ({labels[majority.predicted_class]!r})"},
+            "chance": {"accuracy": chance.accuracy, "macro_f1": chance.macro_f1, "name": "chance (uniform guess)"}}
 
 
 # ----------------------------------------------------------------------------- spread
@@ -410,11 +399,7 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
             lines.append(f"Not distinguishable from {REFERENCE}: {_names(same)}.")
         if below:
             lines.append(f"Distinguishably below {REFERENCE}: {_names(below)}.")
-    mem = [a for a in ours if a["values"].get("peak_train_rss")]
-    if mem:
-        low = min(mem, key=lambda a: statistics.fmean(a["values"]["peak_train_rss"]))
-        lines.append(f"Lowest peak training memory (process RSS): **{low['label']}** "
-                     f"({statistics.fmean(low['values']['peak_train_rss']) / MIB:,.0f} MiB).")
+    lines += _memory_lines(ours)
     lines += _latency_lines(ours)
     over = [a["label"] for a in ours if a["overfitting"]]
     if over:
@@ -423,6 +408,20 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
     if load and load["material"]:
         lines.append(load_warning(load))
     return lines
+
+
+def _memory_lines(ours: list[dict[str, Any]]) -> list[str]:
+    """The lowest peak training memory, named only when it is :data:`MEMORY_TIE` below the next."""
+    mem = sorted((statistics.fmean(a["values"]["peak_train_rss"]), a["label"]) for a in ours
+                 if a["values"].get("peak_train_rss"))
+    if not mem:
+        return []
+    tied = [label for value, label in mem if value <= mem[0][0] * (1 + MEMORY_TIE)]
+    if len(tied) == 1:
+        return [f"Lowest peak training memory (process RSS): **{tied[0]}** ({mem[0][0] / MIB:,.0f} MiB, more than "
+                f"{MEMORY_TIE:.0%} below the next)."]
+    return [f"Lowest peak training memory (process RSS, {mem[0][0] / MIB:,.0f} MiB): {_names(tied)}, within "
+            f"{MEMORY_TIE:.0%} of each other."]
 
 
 def load_warning(load: dict[str, Any]) -> str:
