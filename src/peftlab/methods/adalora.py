@@ -348,11 +348,12 @@ class AdaLoRA(Method):
         return out
 
     @torch.no_grad()
-    def update_scores(self, model: nn.Module, name: str) -> None:
+    def update_scores(self, layers: list[tuple[str, AdaLoRALayer]], name: str) -> None:
         """EMA of the sensitivity ``|w * grad|`` (beta1) and of its uncertainty (beta2), peft's
-        ``update_ipt`` with the same operations in the same order (a missing gradient counts as 0)."""
+        ``update_ipt`` with the same operations in the same order (a missing gradient counts as 0),
+        batched over all layers (``torch._foreach_*``)."""
         params, grads, ipt, unc = [], [], [], []
-        for _, layer in self.layers_of(model, name):
+        for _, layer in layers:
             st = layer.adalora_state[name]
             for side, c in (("A", "lora_A"), ("E", "lora_E"), ("B", "lora_B")):
                 p = getattr(layer, c)[name]
@@ -362,19 +363,23 @@ class AdaLoRA(Method):
                 unc.append(getattr(st, f"unc_{side}"))
         if not params:
             return
-        now = torch._foreach_mul(params, grads)
+        # in place where peft allocates: each product is rounded before its sum, as in peft's expressions
+        now = torch._foreach_mul(params, grads)  # I = |w * g|
         torch._foreach_abs_(now)
-        ema = torch._foreach_add(torch._foreach_mul(ipt, self.beta1), torch._foreach_mul(now, 1 - self.beta1))
-        dev = torch._foreach_sub(now, ema)
-        torch._foreach_abs_(dev)
-        new_unc = torch._foreach_add(torch._foreach_mul(unc, self.beta2), torch._foreach_mul(dev, 1 - self.beta2))
-        torch._foreach_copy_(ipt, ema)
-        torch._foreach_copy_(unc, new_unc)
+        part = torch._foreach_mul(now, 1 - self.beta1)
+        torch._foreach_mul_(ipt, self.beta1)
+        torch._foreach_add_(ipt, part)  # Ibar = beta1 * Ibar + (1 - beta1) * I
+        torch._foreach_sub_(now, ipt)
+        torch._foreach_abs_(now)
+        torch._foreach_mul_(now, 1 - self.beta2)
+        torch._foreach_mul_(unc, self.beta2)
+        torch._foreach_add_(unc, now)  # U = beta2 * U + (1 - beta2) * |I - Ibar|
 
-    def triplet_scores(self, model: nn.Module, name: str) -> list[torch.Tensor]:
+    @staticmethod
+    def triplet_scores(layers: list[tuple[str, AdaLoRALayer]], name: str) -> list[torch.Tensor]:
         """Per layer, the importance of each held triplet: ``S(E_i) + (mean_j S(Q_ij) + mean_j S(P_ji))``."""
         out = []
-        for _, layer in self.layers_of(model, name):
+        for _, layer in layers:
             st = layer.adalora_state[name]
             s_a = torch.mean(st.ipt_A * st.unc_A, dim=1, keepdim=True)
             s_b = torch.mean(st.ipt_B * st.unc_B, dim=0, keepdim=False).view(-1, 1)
@@ -383,11 +388,10 @@ class AdaLoRA(Method):
         return out
 
     @torch.no_grad()
-    def mask_to_budget(self, model: nn.Module, name: str, budget: int) -> None:
+    def mask_to_budget(self, layers: list[tuple[str, AdaLoRALayer]], name: str, budget: int) -> None:
         """Zero ``E`` of the triplets scoring at or below the ``(init - budget)``-th smallest score
         over all layers (peft's rule, ties included) and record the mask."""
-        layers = self.layers_of(model, name)
-        scores = self.triplet_scores(model, name)
+        scores = self.triplet_scores(layers, name)
         init_bgt = sum(layer.held_rank(name) for _, layer in layers)
         drop = init_bgt - budget
         if drop <= 0 or not layers:  # nothing to prune (peft's kthvalue would fail at k = 0)
@@ -398,10 +402,11 @@ class AdaLoRA(Method):
             layer.lora_E[name].masked_fill_(~keep.view(-1, 1), 0.0)
             layer.adalora_state[name].mask.copy_(keep)
 
+    @staticmethod
     @torch.no_grad()
-    def apply_mask(self, model: nn.Module, name: str) -> None:
+    def apply_mask(layers: list[tuple[str, AdaLoRALayer]], name: str) -> None:
         """Re-zero the pruned triplets' ``E`` (peft's ``mask_using_rank_pattern``, each final step)."""
-        for _, layer in self.layers_of(model, name):
+        for _, layer in layers:
             layer.lora_E[name].masked_fill_(~layer.adalora_state[name].mask.view(-1, 1), 0.0)
 
     def end_step(self, model: nn.Module, name: str, step: int, seed: int) -> None:
@@ -409,24 +414,20 @@ class AdaLoRA(Method):
         mask at allocation steps; the final allocation at ``total_step - tfinal``, then its mask
         after every step."""
         final = self.total_step - self.tfinal
+        layers = self.layers_of(model, name)
+        init_bgt, target_bgt = sum(layer.held_rank(name) for _, layer in layers), self.target_r * len(layers)
         if step < final:
-            self.update_scores(model, name)
-            init_bgt, target_bgt = self.budgets(model, name)
+            self.update_scores(layers, name)
             budget, now = budget_schedule(step, init_bgt, target_bgt, self.tinit, self.tfinal, self.total_step,
                                           self.delta_t)
             if now:
-                self.mask_to_budget(model, name, budget)
-                sync_rank_pattern(model, name)
+                self.mask_to_budget(layers, name, budget)
+                sync_rank_pattern(model, name, layers)
         elif step == final:
-            self.mask_to_budget(model, name, self.budgets(model, name)[1])
-            sync_rank_pattern(model, name)
+            self.mask_to_budget(layers, name, target_bgt)
+            sync_rank_pattern(model, name, layers)
         else:
-            self.apply_mask(model, name)
-
-    def budgets(self, model: nn.Module, name: str) -> tuple[int, int]:
-        """(initial budget: the triplets held, final budget: target_r per layer)."""
-        layers = self.layers_of(model, name)
-        return sum(layer.held_rank(name) for _, layer in layers), self.target_r * len(layers)
+            self.apply_mask(layers, name)
 
     def ranks(self, model: nn.Module, name: str) -> dict[str, tuple[int, int]]:
         """``{module path: (kept triplets, init_r)}`` after the last allocation."""
@@ -529,7 +530,7 @@ PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "base_mod
 """Fields that describe the file, not the adapter's maths."""
 
 
-def sync_rank_pattern(model: nn.Module, name: str) -> None:
+def sync_rank_pattern(model: nn.Module, name: str, layers: list[tuple[str, AdaLoRALayer]] | None = None) -> None:
     """Make adapter ``name``'s method carry its layers' current allocation as ``rank_pattern`` (so the
     saved config, the file header and ``peftlab.adapters(model)`` show it). A no-op until some
     triplet is pruned."""
@@ -537,7 +538,7 @@ def sync_rank_pattern(model: nn.Module, name: str) -> None:
     method = s.method
     if not isinstance(method, AdaLoRA):
         return
-    layers = method.layers_of(model, name)
+    layers = method.layers_of(model, name) if layers is None else layers
     if not layers or any(layer.adalora_state[name].mask.device.type == "meta" for _, layer in layers):
         return
     flags = torch.cat([layer.adalora_state[name].mask for _, layer in layers]).tolist()
