@@ -69,7 +69,8 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, shape: torch.Size) -> torch.T
     ``torch.kron`` of a 2-D and a 3-D tensor (``W1`` gains a leading axis), peft's layout."""
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2.contiguous()).reshape(shape)
+    w2 = w2.reshape(-1).view(w2.shape)  # plain strides: torch.kron fails on an einsum's odd size-1 strides
+    return torch.kron(w1, w2).reshape(shape)
 
 
 class LoKrLayer(LycorisLayer):
