@@ -427,3 +427,105 @@ def test_quantized_linear_layers_keep_the_activations_of_their_full_precision_sh
     qlora = estimate("smollm2-135m", "qlora", batch=8, seq=128, dtype="fp32", mixed_precision=False, device="cpu")
     assert qlora.details[key] == lora.details[key] > 0
     assert qlora.activations == lora.activations
+
+
+# ----------------------------------------------------------------------------- the step, phase by phase
+
+
+def test_phases_are_hand_sums_of_what_lives_at_each_moment() -> None:
+    """Each phase against a sum written out here from the estimate's own counted terms."""
+    e = estimate(SMALL_LLAMA, "full", batch=2, seq=256, dtype="fp32", mixed_precision=False)
+    d, ph = e.details, e.phases
+    resident = e.weights + e.quant_constants + e.optimizer + e.overhead
+    step_temp = d["transients: optimizer-step temporaries"]
+    assert step_temp == e.gradients  # foreach AdamW: one fp32 temporary per trainable element
+    assert sum(ph["optimizer step"].values()) == resident + e.gradients + step_temp
+    assert ph["optimizer step"]["activations"] == 0
+    # set_to_none=True: the forward holds no gradient, only the activations and the logits' transient
+    logits = d["transients: logits and their fp32 copy at the end of the forward"]
+    assert ph["forward"]["gradients"] == 0
+    # without recomputation the forward keeps exactly the activation term (layers, outside, loss)
+    assert sum(ph["forward"].values()) == pytest.approx(resident + e.activations + logits, abs=4)
+    # the start of backward: everything kept plus the two fp32 loss-gradient buffers, no gradient yet
+    loss_start = resident + e.activations + d["transients: loss-gradient buffers at the start of backward (fp32)"]
+    assert e.phase_totals()["backward"] >= loss_start - 4
+    assert e.total == max(e.phase_totals().values()) <= e.sum_of_terms
+    assert e.allocated_peak == e.total - e.runtime == e.total - CUDA
+    held = estimate(SMALL_LLAMA, "full", batch=2, seq=256, dtype="fp32", mixed_precision=False, set_to_none=False)
+    accumulating = estimate(SMALL_LLAMA, "full", batch=2, seq=256, dtype="fp32", mixed_precision=False,
+                            grad_accumulation=4)
+    for x in (held, accumulating):
+        assert x.phases["forward"]["gradients"] == e.gradients
+        assert x.phase_totals()["forward"] == e.phase_totals()["forward"] + e.gradients
+        assert x.phase_totals()["optimizer step"] == e.phase_totals()["optimizer step"]
+
+
+CUDA = 512 * 2**20
+
+
+def test_backward_sweep_frees_activations_as_gradients_appear() -> None:
+    """Full fine-tuning at one short sequence: gradients dwarf activations, so the backward peaks
+    at its end with every gradient and none of the blocks' activations; LoRA at a long sequence
+    peaks at the start of backward, where every activation and the loss' buffers are live."""
+    from peftlab.estimate import phases
+
+    e = estimate(SMALL_LLAMA, "full", batch=1, seq=16, dtype="fp32", mixed_precision=False)
+    assert e.peak_moment == "embeddings backward"
+    bwd = e.phases["backward"]
+    assert bwd["gradients"] == e.gradients
+    assert bwd["activations"] < e.activations / 2  # the blocks' tensors are freed by then
+    lora = estimate(SMALL_LLAMA, "lora", batch=8, seq=1024, dtype="bf16", mixed_precision=False)
+    assert lora.peak_moment == "loss backward"
+    assert lora.phases["backward"]["activations"] == lora.activations
+    assert lora.phases["backward"]["gradients"] == 0
+    # the sweep itself: block activations are released in reverse order, gradients only grow
+    from peftlab.estimate.arch import resolve as _resolve
+    from peftlab.estimate.count import count as _count
+
+    c = _count(_resolve(SMALL_LLAMA), "full", None, torch.float32)
+    act = formulas.activations(c.structure, 2, 128, 4, "cuda", "auto", "none", 0, 0)
+    grads = phases.Gradients(10.0, {0: 100.0, 1: 100.0}, 5.0, resident=False)
+    points = phases.backward_sweep(act, grads, "none", 7.0)
+    labels = [p.label for p in points]
+    assert labels == ["loss backward", "LM head backward", "block 1 backward", "block 0 backward",
+                      "embeddings backward"]
+    assert [p.gradients for p in points] == [0.0, 10.0, 110.0, 210.0, 215.0]
+    blocks = dict(act.per_block)
+    before = act.outside - act.outside_after
+    assert points[2].activations == pytest.approx(before + blocks[0] + blocks[1])
+    assert points[3].activations == pytest.approx(before + blocks[0])
+    assert points[4].activations == pytest.approx(before)
+
+
+@pytest.mark.parametrize("row", __import__("peftlab.estimate.published", fromlist=["PUBLISHED"]).PUBLISHED,
+                         ids=lambda r: r.name)
+def test_published_measured_peaks(row) -> None:  # type: ignore[no-untyped-def]
+    """The validation table of docs/estimate.md, recomputed: each published, independently measured
+    GPU peak (its setting as the source states it, no constant fitted to it) within the row's
+    stated tolerance, and the trainable-parameter counts equal to what the source's run recorded."""
+    from peftlab.estimate.published import PUBLISHED_TRAINABLE, compare
+
+    e, err = compare(row)
+    assert abs(err) <= row.tolerance, (row.name, e.allocated_peak, row.measured, err)
+    if "MetaMathQA" in row.source:
+        assert e.params["trainable"] == PUBLISHED_TRAINABLE[row.method]
+
+
+def test_docs_hold_the_recomputed_validation_table() -> None:
+    """docs/estimate.md shows the table exactly as the estimator computes it now."""
+    from peftlab.estimate.published import markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "estimate.md").read_text()
+    assert markdown() in docs
+
+
+def test_cli_shows_phases_and_keeps_grads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "gpt2", "--methods", "full", "lora", "--batch", "2", "--seq", "128"]) == 0
+    text = capsys.readouterr().out
+    assert "phase: forward" in text and "phase: optimizer step" in text and "total per device (peak)" in text
+    assert main(["estimate", "gpt2", "--methods", "full", "--keep-grads", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    est = doc["estimates"][0]
+    assert est["settings"]["set_to_none"] is False
+    assert est["phases"]["forward"]["gradients"] == est["gradients"]
+    assert est["total"] == max(est["phase_totals"].values()) and est["peak_phase"] in est["phases"]

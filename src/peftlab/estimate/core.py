@@ -54,10 +54,11 @@ NF4_DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)
 """Double quantization: 8-bit constants per 64 weights, one fp32 constant per 256 of those (0.127 bit)."""
 MODES = ("train", "inference")
 DEVICES = ("cuda", "cpu")
-TERMS = ("weights", "quant_constants", "gradients", "optimizer", "activations", "kv_cache", "overhead")
+TERMS = ("weights", "quant_constants", "gradients", "optimizer", "activations", "kv_cache", "transients", "overhead")
 TERM_LABELS = {"weights": "weights", "quant_constants": "quantization constants", "gradients": "gradients",
                "optimizer": "optimizer states (+fp32 master)", "activations": "activations",
-               "kv_cache": "KV cache", "overhead": "overhead (runtime, sharding)"}
+               "kv_cache": "KV cache", "transients": "transients (largest of any phase)",
+               "overhead": "overhead (runtime, sharding)"}
 COMPONENT_LABELS = {**TERM_LABELS, "transients": "transients (logits, grads of activations, step temps)"}
 """Labels of the components of a phase (:data:`peftlab.estimate.phases.COMPONENTS`)."""
 
@@ -114,6 +115,10 @@ class Estimate:
     """The moment of the backward sweep at which the backward phase peaks (``block 0 backward``...)."""
     runtime: int = 0
     """The constant runtime term inside ``overhead`` (CUDA context, or the CPU runtime)."""
+    transients: int = 0
+    """The largest transient of any phase (logits and their fp32 copy, loss-gradient buffers, one
+    block's backward, the optimizer's temporaries), as a term: with it ``sum_of_terms`` bounds
+    every phase."""
 
     @property
     def total(self) -> int:
@@ -123,7 +128,7 @@ class Estimate:
 
     @property
     def sum_of_terms(self) -> int:
-        """Every term at its maximum at once: an upper bound of the peak."""
+        """Every term at its maximum at once (the transients included): an upper bound of the peak."""
         return sum(self.terms().values())
 
     @property
@@ -526,6 +531,7 @@ def _assemble(source: ModelSource, c: Counts, st: dict[str, Any], torch_dtype: t
                  "head_dim": arch.head_dim, "intermediate": arch.intermediate, "vocab": arch.vocab,
                  "max_positions": arch.max_positions, "head": source.head}
     rounded = {name: {k: int(round(v)) for k, v in part.items()} for name, part in phase_parts.items()}
+    terms["transients"] = max(part["transients"] for part in rounded.values())
     est = Estimate(source.name, c.method, dict(c.options), st, params, arch_info,
                    **{k: int(round(v)) for k, v in terms.items()},
                    details={k: int(round(v)) for k, v in details.items()}, notes=tuple(notes), phases=rounded,
