@@ -3,7 +3,9 @@
 A checkpoint is ``run_dir/checkpoints/step-<N>/``:
 
 * ``trainable.safetensors``: every trainable tensor (whole tensors, gathered from FSDP shards);
-* ``optimizer.pt``: optimizer, learning-rate scheduler and grad-scaler state;
+* ``optimizer.pt``: optimizer, learning-rate scheduler and grad-scaler state, and the methods'
+  training state (``Method.training_state``: tensors besides the trainable ones that training
+  changes, such as AdaLoRA's importance scores and rank mask);
 * ``rng.pt``: the RNG states of torch (and CUDA), Python and NumPy (every rank's, when
   distributed), so dropout after a resume draws what it would have drawn;
 * ``trainer_state.json``, written last: the :class:`TrainState` (step, data-order position,
@@ -243,13 +245,17 @@ def clean_leftovers(run_dir: Path) -> None:
 def save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
                      optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
                      state: TrainState, config: TrainConfig, device: torch.device, dist: Dist = Dist(),
-                     data: dict[str, Any] | None = None) -> Path:
+                     data: dict[str, Any] | None = None, method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-<N>`` atomically and keep the newest two.
 
-    In a distributed job every rank takes part (whole tensors are gathered from FSDP shards,
-    and every rank's RNG state is kept), and rank 0 alone writes.
+    ``method_state`` holds the attached methods' training state by ``state_dict`` key
+    (``Method.training_state``), saved with the optimizer. In a distributed job every rank takes
+    part (whole tensors are gathered from FSDP shards, and every rank's RNG state is kept), and
+    rank 0 alone writes.
     """
     tensors = {n: distributed.full_tensor(p.detach()).to("cpu", copy=True).contiguous() for n, p in named.items()}
+    extra = {k: distributed.full_tensor(t.detach()).to("cpu", copy=True).contiguous()
+             for k, t in (method_state or {}).items()}
     optim = distributed.optimizer_state(optimizer)
     rng = rng_state(device)
     if dist.active:
@@ -258,7 +264,7 @@ def save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
     error: BaseException | None = None
     if dist.is_main:
         try:
-            write_checkpoint(Path(run_dir), tensors, optim, scheduler, scaler, rng, state, config, dist, data)
+            write_checkpoint(Path(run_dir), tensors, optim, scheduler, scaler, rng, state, config, dist, data, extra)
         except BaseException as e:  # the other ranks must hear of it, or they would wait forever
             error = e
     if dist.any(error is not None):
@@ -270,7 +276,8 @@ def save_checkpoint(run_dir: Path, named: dict[str, nn.Parameter],
 
 def write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim: dict[str, Any],
                       scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any, rng: dict[str, Any],
-                      state: TrainState, config: TrainConfig, dist: Dist, data: dict[str, Any] | None = None) -> Path:
+                      state: TrainState, config: TrainConfig, dist: Dist, data: dict[str, Any] | None = None,
+                      method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """The checkpoint folder is built aside and swapped in whole (``files.replace_folder``); its
     state file, written last, records each other file's size and sha256."""
     from safetensors.torch import save_file
@@ -282,7 +289,8 @@ def write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim: dic
         with files.replace_folder(target, f"checkpoint step {state.step}") as tmp:
             save_file(tensors, str(tmp / PARAMS_FILE))
             torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIMIZER_FILE)
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "method_state": method_state or {}}, tmp / OPTIMIZER_FILE)
             torch.save(rng, tmp / RNG_FILE)
             listed = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                       for name in (PARAMS_FILE, OPTIMIZER_FILE, RNG_FILE)}
@@ -298,9 +306,11 @@ def write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optim: dic
 
 def load_checkpoint(path: Path, record: dict[str, Any], named: dict[str, nn.Parameter],
                      optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
-                     device: torch.device, dist: Dist = Dist()) -> TrainState:
-    """Restore tensors, optimizer, scheduler, scaler and RNG from ``path`` (whose state file is
-    ``record``, already checked against this run); return the training state."""
+                     device: torch.device, dist: Dist = Dist(),
+                     method_state: dict[str, torch.Tensor] | None = None) -> TrainState:
+    """Restore tensors, optimizer, scheduler, scaler, the methods' training state (copied into
+    the live ``method_state`` tensors) and RNG from ``path`` (whose state file is ``record``,
+    already checked against this run); return the training state."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / PARAMS_FILE))
@@ -312,9 +322,25 @@ def load_checkpoint(path: Path, record: dict[str, Any], named: dict[str, nn.Para
                           f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]}); resume with the same model "
                           "and method, or start a new run_dir")
     saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=device)
+    live = method_state or {}
+    kept = saved.get("method_state")
+    if kept is None:  # written before checkpoints kept it
+        kept = {}
+        if live:
+            warnings.warn(f"checkpoint {path} holds no method training state ({len(live)} tensors, e.g. "
+                          f"{next(iter(live))}): they restart from their current values, so the resumed run is not "
+                          "identical to an uninterrupted one", stacklevel=5)
+            live = {}
+    odd = sorted(set(live) ^ set(kept)) + sorted(k for k in set(live) & set(kept) if live[k].shape != kept[k].shape)
+    if odd:
+        raise ConfigError(f"checkpoint {path} does not fit the methods' training state (differing: {odd[:5]}); resume "
+                          "with the same model and method, or start a new run_dir")
     rng = torch.load(path / RNG_FILE, weights_only=True)
     for n, p in named.items():
         distributed.copy_full(p, tensors[n])
+    with torch.no_grad():
+        for k, t in live.items():
+            distributed.copy_full(t, kept[k])
     distributed.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler") is not None:
@@ -350,9 +376,11 @@ def reconcile(old: TrainConfig, new: TrainConfig, path: Path) -> list[str]:
 
 def restore(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: Any, factor: Any, config: TrainConfig,
-            data: dict[str, Any], device: torch.device, dist: Dist) -> TrainState:
+            data: dict[str, Any], device: torch.device, dist: Dist,
+            method_state: dict[str, torch.Tensor] | None = None) -> TrainState:
     """Resume from the checkpoint folder ``path``: every check first (world size, the data-order
-    settings, the training data), then tensors, optimizer, scheduler, scaler and RNG states.
+    settings, the training data), then tensors, optimizer, scheduler, scaler, the methods'
+    training state (``method_state``, the live tensors by key) and RNG states.
 
     Settings in :data:`SOFT_FIELDS` (and ``steps``, where the schedule depends on it) may differ
     from the checkpoint's: a warning names them, and the learning rates and weight decay of every
@@ -364,7 +392,7 @@ def restore(path: Path, named: dict[str, nn.Parameter], optimizer: torch.optim.O
     old = TrainConfig.from_dict(record["config"])
     changed = reconcile(old, config, path)
     check_data(record, data, path)
-    state = load_checkpoint(path, record, named, optimizer, scheduler, scaler, device, dist)
+    state = load_checkpoint(path, record, named, optimizer, scheduler, scaler, device, dist, method_state)
     if changed:
         warnings.warn(f"resuming from {path} with changed {', '.join(changed)}: training goes on from step "
                       f"{state.step} with the new values, so it is not identical to an uninterrupted run",

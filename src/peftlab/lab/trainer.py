@@ -23,7 +23,8 @@ here too. What :func:`train` does, in order, for each optimizer step:
    (validation loss and the task's metrics, next to the mean training loss since the previous
    evaluation), and the overfitting rule (:func:`overfitting`). Evaluation never changes the
    random state, so it never changes training.
-4. Every ``save_every`` steps and at the end: a checkpoint (:mod:`peftlab.lab.checkpoints`);
+4. Every ``save_every`` steps and at the end: a checkpoint (:mod:`peftlab.lab.checkpoints`) of
+   the trainable tensors, the optimizer and every active adapter's ``Method.training_state``;
    ``resume=True`` continues from the newest intact one and, on CPU, ends with bit-identical
    parameters and the same loss history as an uninterrupted run.
 
@@ -220,6 +221,18 @@ def _end_step(model: nn.Module, step: int, seed: int) -> None:
     for name, method in adapters(model).items():
         if name in active(model):
             method.end_step(model, name, step, seed)
+
+
+def _training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every active adapter's ``Method.training_state`` (tensors that training changes besides
+    the trainable ones, by ``state_dict`` key): what a checkpoint must keep for an exact resume."""
+    from peftlab.api import active, adapters
+
+    out: dict[str, torch.Tensor] = {}
+    for name, method in adapters(model).items():
+        if name in active(model):
+            out.update(method.training_state(model, name))
+    return out
 
 
 def _extra_loss(model: nn.Module) -> torch.Tensor | None:
@@ -496,7 +509,8 @@ def _train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, run
         clean_leftovers(run_path)
     start = resume_point(run_path) if resume and run_path is not None else None
     if start is not None:
-        state = restore(start, named, optimizer, scheduler, scaler, factor, config, data, device, dist)
+        state = restore(start, named, optimizer, scheduler, scaler, factor, config, data, device, dist,
+                        _training_state(model))
     else:
         state = TrainState()
         if resume and config.progress and dist.is_main:
@@ -523,7 +537,8 @@ def _train(model: nn.Module, tokenizer: Any, task: Any, config: TrainConfig, run
                 if val_set and (last or (config.eval_every and state.step % config.eval_every == 0)):
                     _evaluate(run)
                 if save:
-                    save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device, dist, data)
+                    save_checkpoint(run_path, named, optimizer, scheduler, scaler, state, config, device, dist, data,
+                                    _training_state(model))
             if val_set and (not state.evals or state.evals[-1]["step"] != state.step):
                 _evaluate(run)  # a resumed run that had already reached `steps`
     finally:
