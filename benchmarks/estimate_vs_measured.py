@@ -2,6 +2,7 @@
 
     python benchmarks/estimate_vs_measured.py                     # minilm + smollm2-135m, every method
     python benchmarks/estimate_vs_measured.py --models minilm --batch 8 --seq 128 --json out.json
+    python benchmarks/estimate_vs_measured.py --published         # the published GPU peaks table (no run)
 
 Each (model, method) runs in its own subprocess, so one measurement never sees another's memory:
 
@@ -18,7 +19,12 @@ Each (model, method) runs in its own subprocess, so one measurement never sees a
   glibc's default (dynamic) threshold, which keeps freed tensors in the heap, is printed too.
 * **CUDA** (``--device cuda``, when a GPU is present): the same steps on the GPU; measured =
   ``torch.cuda.max_memory_allocated()``, which includes the weights but not the CUDA context, so
-  predicted = estimate total minus the modelled CUDA context.
+  predicted = ``Estimate.allocated_peak`` (the peak phase without the CUDA context).
+
+The estimate is asked for the loop's own setting (``set_to_none=False``: the gradients stay
+allocated between steps); its peak is the largest phase of the step
+(:mod:`peftlab.estimate.phases`). ``--published`` prints the table of independently published GPU
+peaks (:mod:`peftlab.estimate.published`) recomputed from the estimator, as in ``docs/estimate.md``.
 
 Targets: predicted/measured within 0.8-1.2 on CPU and 0.9-1.1 on CUDA.
 """
@@ -58,8 +64,9 @@ def _trim() -> None:
 
 def method_options(model_name: str, method: str) -> dict[str, Any]:
     """Options used for ``method`` on ``model_name``: the method's defaults, plus training the new
-    classification head (``modules_to_save``) on encoder classifiers, as one would in practice."""
-    if method != "full" and _head(model_name) == "classifier":
+    classification head (``modules_to_save``) on encoder classifiers, as one would in practice
+    (every method alike, full fine-tuning included)."""
+    if _head(model_name) == "classifier":
         return {"modules_to_save": ["classifier"]}
     return {}
 
@@ -101,8 +108,7 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, devic
     torch.manual_seed(0)
     model = _build(model_name, random_init)
     options = method_options(model_name, method)
-    if method != "full":
-        peftlab.attach(model, method, **options)
+    peftlab.attach(model, method, **options)
     with torch.no_grad():  # into anonymous memory: no memory-mapped checkpoint pages left behind
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = t.data.clone()
@@ -146,13 +152,12 @@ def worker(model_name: str, method: str, batch: int, seq: int, steps: int, devic
 
 def predict(model_name: str, method: str, batch: int, seq: int, device: str) -> dict[str, Any]:
     from peftlab.estimate import estimate
-    from peftlab.estimate.core import CUDA_CONTEXT
 
     options = method_options(model_name, method)
     e = estimate(model_name, method, options or None, batch=batch, seq=seq, dtype="fp32", mixed_precision=False,
-                 optimizer="adamw", device=device)
+                 optimizer="adamw", device=device, set_to_none=False)  # the worker's zero_grad(set_to_none=False)
     if device == "cuda":
-        predicted = e.total - CUDA_CONTEXT
+        predicted = e.allocated_peak
     else:
         predicted = e.total - e.weights - e.quant_constants
     return {"predicted": predicted, "estimate": e.to_dict()}
@@ -190,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-init", action="store_true",
                    help="build each model from its config numbers with random weights (presets too, e.g. "
                         "llama-2-7b on a large GPU); memory does not depend on the weights' values")
+    p.add_argument("--published", action="store_true",
+                   help="print the published GPU peaks recomputed from the estimator (docs/estimate.md) and exit")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.published:
+        from peftlab.estimate.published import markdown
+
+        print(markdown())
+        return 0
     if args.worker:
         name, method, batch, seq, steps, device, random_init = args.worker
         print(json.dumps(worker(name, method, int(batch), int(seq), int(steps), device, random_init == "1")))
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     import peftlab
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    methods = args.methods or ["full", *peftlab.methods()]
+    methods = args.methods or list(peftlab.methods())
     target = 0.1 if device == "cuda" else 0.2
     what = "max_memory_allocated" if device == "cuda" else "peak RSS over the loaded model"
     print(f"device {device} ({what}), fp32 weights, AdamW, batch {args.batch} x seq {args.seq}, {args.steps} steps; "
