@@ -63,8 +63,13 @@ def file_tensors(model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tens
     table.update(slots.copy_file_tensors(model, name, s.method.file_prefix))
     # an inactive adapter's values of base tensors it trains wait aside, not in the model
     own = s.own if s.own is not None else slots.base_parameters(model, name)
+    copied = [path for path, _ in slots.copy_layers(model)]
     for key, t in own.items():
-        table[s.method.base_file_key(model, key, name)] = (key, t)
+        file_key = s.method.base_file_key(model, key, name)
+        root = next((c for c in copied if key.startswith(c + ".")), None)
+        if root is not None:  # the frozen original inside a module copy: peft's `original_module`
+            file_key = file_key.replace(f"{root}.", f"{root}.original_module.", 1)
+        table[file_key] = (key, t)
     return table
 
 
@@ -72,7 +77,10 @@ def _canonical(key: str) -> str:
     """peft names a wrapped layer's own tensors ``<layer>.base_layer.<t>``; peftlab's layers are not
     wrapped. Matching ignores that difference for a base tensor (``base_layer.<tensor>``), not for
     adapter tensors nested in it (``base_layer.lora_A.weight``: peft's second target parameter)."""
-    return re.sub(r"\.base_layer\.(?=[^.]+$)", ".", key)
+    key = re.sub(r"\.base_layer\.(?=[^.]+$)", ".", key)
+    # peft saves a module copy's tensors under the module's keys, and with bias="all" the copy's
+    # biases once more under `<module>.modules_to_save.` (the same values): one name for both
+    return key.replace(".modules_to_save.", ".")
 
 
 def _architecture(model: nn.Module) -> dict[str, str]:
@@ -340,6 +348,10 @@ def _compare(entries: dict[str, files.TensorInfo], expected: dict[str, tuple[tup
     """Check the header's keys, shapes and dtypes against ``expected``; return the file keys
     that the adapter does not have but that may be copies of base weights (checked by value)."""
     by_canon = {_canonical(k): k for k in entries}
+    twice = sorted(k for k in entries if by_canon[_canonical(k)] != k)
+    if twice:
+        _report(directory, model, [], [f"{k} (the same tensor as {by_canon[_canonical(k)]})" for k in twice
+                                       if entries[k].shape != entries[by_canon[_canonical(k)]].shape], [], [])
     missing = sorted(set(expected) - set(by_canon))
     extra = sorted(by_canon[k] for k in set(by_canon) - set(expected))
     state = model.state_dict()
