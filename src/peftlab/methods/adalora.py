@@ -146,14 +146,14 @@ class AdaLoRALayer(MergeableLayer):
     def update_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s * P diag(E) Q x``, factored: the scale and ``E`` multiply the r-wide intermediate
         (peft scales the d_out-wide output twice), and no ``d_out x d_in`` matrix is formed."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        e = self.lora_E[name].view(-1) * self.adapter_state(name).scale
+        a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+        scale = self.adapter_state(name).scale
         xd = self.lora_dropout[name](x.to(a.dtype))
         if isinstance(self, nn.Conv2d):
             h = F.conv2d(xd, a.view(a.shape[0], self.in_channels, *self.kernel_size), None, self.stride,
                          self.padding, self.dilation)
-            return F.conv2d(h * e.view(1, -1, 1, 1), b.view(*b.shape, 1, 1))
-        return F.linear(F.linear(xd, a) * e, b)
+            return F.conv2d((h * e.view(1, -1, 1, 1)) * scale, b.view(*b.shape, 1, 1))
+        return F.linear((F.linear(xd, a) * e.view(-1)) * scale, b)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, e, b = (getattr(self, c)[name].float() for c in ("lora_A", "lora_E", "lora_B"))
