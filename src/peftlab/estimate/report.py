@@ -167,7 +167,7 @@ def png(estimates: Sequence[Estimate], path: str | Path, budget: int | None = No
         ax.text(i, top * 0.02, "n/a", ha="center", va="bottom", fontsize=10, color="#555555")
     if budget:
         ax.axhline(budget / big, color="#222222", linestyle="--", linewidth=1.2)
-        ax.text(len(names) - 0.5, budget / big, f"  budget {budget / big:.0f} {big_name}", va="bottom", ha="right",
+        ax.text(len(names) - 0.5, budget / big, f"  budget {budget / big:.1f} {big_name}", va="bottom", ha="right",
                 fontsize=9, color="#222222")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n({by.peak_phase})" if (by := {e.method: e for e in estimates}.get(n)) and by.peak_phase
