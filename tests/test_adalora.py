@@ -519,6 +519,12 @@ def test_rank_pattern_of_another_model_is_refused_and_nothing_changes():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+def test_options_peft_ignores_are_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="peft's AdaLoRA ignores.*use_rslora"):
+        m = AdaLoRA.from_config({**AdaLoRA().to_config(), "r": 16, "use_rslora": True})
+    assert m == AdaLoRA()
+
+
 def test_unsupported_layers_and_peft_options_are_refused():
     model = tiny_llama()
     with pytest.raises(PeftlabError, match="supported"):

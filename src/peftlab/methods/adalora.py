@@ -488,6 +488,13 @@ class AdaLoRA(Method):
         if unsupported:
             raise ConfigError(f"this peft AdaLoRA config uses options peftlab's AdaLoRA does not implement: "
                               f"{unsupported}; it was not loaded (its outputs would differ from peft's)")
+        ignored = {k: config[k] for k, default in (("r", 8), ("use_rslora", False), ("alpha_pattern", {}))
+                   if config.get(k, default) not in (default, None)}
+        if ignored:
+            import warnings
+
+            warnings.warn(f"peft's AdaLoRA ignores {ignored} (every layer starts at init_r, scaled by lora_alpha / "
+                          "init_r); so does peftlab", UserWarning, stacklevel=3)
         init = config.get("init_lora_weights", True)
         if init not in (True, False):
             raise ConfigError(f"this peft AdaLoRA config has init_lora_weights={init!r}; peftlab's AdaLoRA reads "
