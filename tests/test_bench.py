@@ -121,7 +121,7 @@ def test_bench_smoke_two_methods(tmp_path, capsys):
         assert set(t["latency"]) == {"b1_unmerged", "b8_unmerged", "b1_merged", "b8_merged"}  # all three merge
     # progress and one result line per finished method
     assert "[1/9] training full (peftlab), seed 0" in out and "[9/9] timing round 2/2" in out and "ETA" in out
-    assert out.count("  -> ") == 9 and "majority baseline" in out
+    assert out.count("  -> ") == 9 and "(majority class (" in out
     html = (run_dir / "report.html").read_text()
     for name in ("score_vs_params.png", "score_vs_memory.png", "latency.png", "loss_curves.png"):
         width, height = png_size(run_dir / name)
@@ -212,3 +212,30 @@ def test_overwrite_from_python_keeps_a_folder_the_bench_did_not_write(tmp_path):
     with pytest.raises(ConfigError, match="did not write"):
         bench.run(bench.BenchConfig(task="tweets", run_dir=str(tmp_path), overwrite=True, methods=["lora"]))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_generated_text_is_compared_with_the_untrained_base_model_and_peft(tmp_path):
+    """A causal-LM task has no class prior: its baseline is the base model's own answers, scored
+    once before anything trains; --vs peft times peft's LoRA in the same rounds."""
+    from peftlab import models
+    from peftlab.lab.tasks import get_task
+    from peftlab.lab.trainer import subset
+
+    run_dir = tmp_path / "run"
+    rows = run(BenchConfig(model="tiny-llama", task="chat", methods=["lora"], profile="smoke", run_dir=run_dir,
+                           vs_peft=True, overrides={"timing_rounds": 1}))
+    assert sorted((r["method"], r["impl"]) for r in rows) == [("full", "peftlab"), ("lora", "peft"),
+                                                              ("lora", "peftlab")]
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    base = json.loads((run_dir / "baseline.json").read_text())
+    task = get_task("chat")
+    model, tok = models.load("tiny-llama", seed=0)
+    again = task.evaluate(model, tok, subset(task.examples("test"), 8, 0), batch_size=16, max_length=24)
+    assert base["metric"] == "rouge_l" and base["metrics"] == pytest.approx(again, rel=1e-6)
+    assert all(r["data"]["base_model"] == base and r["test_predictions"] is None for r in rows)
+    timings = [json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines()]
+    assert [(t["method"], t["impl"]) for t in timings] == [("full", "peftlab"), ("lora", "peftlab"), ("lora", "peft")]
+    assert all(len(t["step_wall"]) == 2 and "b1_merged" in t["latency"] for t in timings)
+    md = (run_dir / "report.md").read_text()
+    assert f"| base model (no training) | - | - | {base['metrics']['rouge_l']:.4f} |" in md
+    assert "## peftlab / peft (same run)" in md and "| lora |" in md

@@ -64,7 +64,7 @@ def test_measured_scores_rank_and_are_relative_to_full(tmp_path):
     assert by["lora"].expected == pytest.approx(0.88 / 0.90)
     assert by["bitfit"].expected == pytest.approx(0.70 / 0.90)
     assert by["lora"].evidence == "measured (1 seed, 30 steps x batch 16 x 64 tokens)"
-    assert "does not beat the majority-class baseline" in by["bitfit"].reason  # 0.70 vs 0.66 on 100 examples
+    assert "does not beat the majority class ('pos') baseline" in by["bitfit"].reason  # 0.70 vs 0.66 on 100 examples
     assert all(p.fits is None for p in picks)  # no budget: memory shown, not enforced
     for p in picks:  # the memory shown is the estimator's total at the need's batch (8) and sequence (512)
         assert p.memory_source == "estimate"
@@ -98,7 +98,7 @@ def test_a_run_where_full_does_not_beat_the_baseline_is_not_evidence(tmp_path):
     _rows(tmp_path, {"full": 0.66, "lora": 0.66})  # everything at the majority class
     by = {p.method: p for p in recommend(Need(model="minilm", results=(tmp_path,), methods=("full", "lora")))}
     assert by["lora"].evidence == "published" and by["lora"].expected == peftlab.method_class("lora").typical_score
-    assert "full did not beat the majority-class baseline" in by["lora"].reason
+    assert "full did not beat the majority class ('pos') baseline" in by["lora"].reason
 
 
 def test_rows_of_another_model_are_not_evidence(tmp_path):

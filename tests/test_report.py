@@ -62,7 +62,7 @@ def test_everything_at_the_majority_class_names_no_winner_and_warns_for_each():
     assert "Best score" not in text and "within 3%" not in text and "of full" not in text
     warnings = [x for x in lines if x.startswith("WARNING")]
     assert len(warnings) == 3 and all("does not beat the majority class ('pos')" in w for w in warnings)
-    assert "No method beats the majority-class baseline" in text
+    assert "No method beats the majority class ('pos') baseline" in text
     assert "12% of one epoch" in text  # 480 of 4000
     md = report._markdown(agg, rows, None, {})
     assert md.count("WARNING") >= 3 and "| train | 4,000 (4,000) | neg 1,300 (32%), pos 2,700 (68%) |" in md

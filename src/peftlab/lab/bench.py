@@ -327,6 +327,24 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def base_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """The untrained base model's test metrics (own process): the baseline of generated text,
+    where no class prior exists to compare with."""
+    import torch
+
+    from peftlab import models
+    from peftlab.lab.tasks import get_task
+    from peftlab.lab.trainer import subset
+
+    p = _profile(spec)
+    task = get_task(spec["task"], spec.get("data"), encoding=spec.get("encoding", "utf-8"))
+    torch.manual_seed(spec["seed"])
+    model, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
+    test = subset(task.examples("test"), p.test_examples, 0)
+    metrics = task.evaluate(model, tok, test, batch_size=max(p.batch_size, 16), max_length=p.max_length)
+    return {"metrics": metrics, "metric": task.metric, "secondary_metric": secondary_metric(task)}
+
+
 def _latency(model: Any, batch: dict[str, Any], runs: int) -> dict[str, list[float]]:
     """Wall and CPU (process) seconds of ``runs`` forward passes, after one warm-up pass."""
     import torch
@@ -386,10 +404,10 @@ def timing_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ckpt = Path(spec["out_dir"]) / "adapter"
     torch.manual_seed(spec["seed"])
     base, tok = models.load(spec["model"], num_labels=task.num_labels or 2, seed=spec["seed"])
-    if spec["impl"] == "peft":
+    if spec["impl"] == "peft":  # peft refuses to load prompt-learning adapters as trainable
         import peft
 
-        model = peft.PeftModel.from_pretrained(base, ckpt, is_trainable=True)
+        model = peft.PeftModel.from_pretrained(base, ckpt)
     else:
         model = base
         peftlab.load(model, ckpt, trainable=True)
@@ -399,7 +417,10 @@ def timing_worker(spec: dict[str, Any]) -> dict[str, Any]:
     batches = {b: {k: v for k, v in x.items() if k != "labels"} for b, x in batches.items()}
     latency = {f"b{b}_unmerged": _latency(model, x, p.latency_runs) for b, x in batches.items()}
     peak_infer = _rss_bytes()  # loading and unmerged inference only: measured before any training step
-    step_wall, step_cpu = _step_times(model, tok, task, spec, p)
+    # the steps train the loaded adapter (peft: a fresh one of the same config, the same compute)
+    stepper = model if spec["impl"] == "peftlab" else _prepare(spec)[1]
+    step_wall, step_cpu = _step_times(stepper, tok, task, spec, p)
+    del stepper
     model.eval()
     if peftlab.method_class(spec["method"]).mergeable:
         model = model.merge_and_unload() if spec["impl"] == "peft" else peftlab.merge_and_unload(model)
@@ -415,7 +436,7 @@ _PRELOAD = ["torch", "transformers", "peftlab", "peftlab.methods", "peftlab.lab.
             "peftlab.lab.tasks", "peftlab.lab.bench", "transformers.models.bert.modeling_bert",
             "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
             "peft"]
-_WORKERS = {"train": train_worker, "timing": timing_worker}
+_WORKERS = {"train": train_worker, "timing": timing_worker, "base": base_worker}
 
 
 def _child(mode: str, spec: dict[str, Any], out_path: str) -> None:
@@ -505,15 +526,14 @@ class Progress:
 
 def _result_line(row: dict[str, Any]) -> str:
     """One line per finished training run: score, secondary metric, majority baseline, size, time."""
-    from peftlab.lab.report import MIB, baselines
+    from peftlab.lab.report import MIB, main_baseline
 
     if "error" in row:
         return f"  -> {row['method']} ({row['impl']}, seed {row['seed']}) FAILED: {row['error'].splitlines()[-1]}"
-    base = baselines(row.get("data")).get("majority")
+    base = main_baseline(row.get("data"))
     versus = ""
     if base:
-        versus = (f" (majority baseline {base['accuracy']:.4f}"
-                  + (": NOT above it)" if row["score"] <= base["accuracy"] else ")"))
+        versus = (f" ({base['name']} {base['score']:.4f}" + (": NOT above it)" if row["score"] <= base["score"] else ")"))
     second = row.get("secondary_metric")
     value = (row.get("test_metrics") or {}).get(second)
     return (f"  -> {row['method']} ({row['impl']}, seed {row['seed']}): {row['metric']} {row['score']:.4f}{versus}"
@@ -606,6 +626,13 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
                 "out_dir": str(run_dir / f"{method}-{impl}-seed{seed}"), "profile": dataclasses.asdict(profile),
                 "options": default_options(method, meta_model, task, config.options.get(method)),
                 "resume": config.resume, "save_every": max(profile.steps // 3, 1)}
+
+    if task.kind != "classification":  # the untrained base model is the baseline of generated text
+        base_path = run_dir / "baseline.json"
+        if not base_path.exists():
+            print(f"scoring the untrained base model on the test split (the baseline of {task.metric})")
+            base_path.write_text(json.dumps(_spawn("base", spec_of(REFERENCE, "peftlab", seed0), run_dir / "base")))
+        facts["base_model"] = json.loads(base_path.read_text())
 
     try:
         for seed, method, impl in jobs:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from peftlab.core.errors import ConfigError
 
-_BENCH_FILES = ("results.jsonl", "timings.jsonl", "report.md", "report.html")
-_BENCH_DIR = re.compile(r".+-(peftlab|peft)-seed-?\d+")
+_BENCH_FILES = ("results.jsonl", "timings.jsonl", "baseline.json", "report.md", "report.html")
+_BENCH_DIR = re.compile(r".+-(peftlab|peft)-seed-?\d+|base")
 """What ``peftlab bench`` writes into its run directory: the only entries --overwrite may delete."""
 
 

@@ -8,7 +8,7 @@ Evidence, strongest first:
    training/validation/test examples); runs of different budgets are never averaged. For each
    method the budget with the most training (steps x batch) is used, and the others are named.
    A measurement whose reference (the registered method ``"full"``) does not beat the
-   majority-class baseline says nothing about relative quality, so it is set aside for the
+   majority-class baseline (or, for generated text, the untrained base model) says nothing about relative quality, so it is set aside for the
    published score, with the reason.
 2. **Published**: the score relative to full fine-tuning that the method's paper reports
    (``Method.typical_score`` and its source), where nothing usable was measured.
@@ -185,7 +185,7 @@ def _measured(rows: list[dict[str, Any]], timings: list[dict[str, Any]]) -> dict
         agg = report.aggregate(group, ts)
         data = report.data_facts(group)
         ev = report.evidence(agg, data)
-        base = report.baselines(data).get("majority")
+        base = report.main_baseline(data)
         by = {a["method"]: a for a in agg}
         ref = by.get(REFERENCE)
         b = group[0].get("budget") or {}
@@ -193,8 +193,9 @@ def _measured(rows: list[dict[str, Any]], timings: list[dict[str, Any]]) -> dict
             found.setdefault(method, []).append({
                 "relative": a["relative"], "seeds": len(a["seeds"]), "budget": budget_text(group[0]),
                 "training": (b.get("steps") or 0) * (b.get("batch_size") or 0),
-                "informative": ref is not None and (base is None or ev.beats(ref["label"], base["accuracy"]) is True),
-                "beats_baseline": None if base is None else ev.beats(a["label"], base["accuracy"]),
+                "baseline": base["name"] if base else "baseline",
+                "informative": ref is not None and (base is None or ev.beats(ref["label"], base["score"]) is True),
+                "beats_baseline": None if base is None else ev.beats(a["label"], base["score"]),
                 "latency": a["timing"].get("latency_b1_unmerged"),
                 "reference_latency": ref["timing"].get("latency_b1_unmerged") if ref else None,
                 "rows": [r for r in group if r["method"] == method],
@@ -340,7 +341,7 @@ def recommend(need: Need) -> list[Pick]:
             evidence = f"measured ({seeds}, {ms['budget']})"
             parts.append(f"{expected:.3f}x {REFERENCE}, measured at {ms['budget']} ({seeds})")
             if ms["beats_baseline"] is False:
-                parts.append("it does not beat the majority-class baseline there")
+                parts.append(f"it does not beat the {ms['baseline']} baseline there")
             if ms["others"]:
                 parts.append("other budgets, not pooled: " + ", ".join(ms["others"]))
         elif cls.typical_score is not None:
@@ -350,7 +351,7 @@ def recommend(need: Need) -> list[Pick]:
             expected, evidence = None, "none"
             parts.append("no measured or published score: run `peftlab bench` to measure it")
         if ms and not ms["informative"]:
-            parts.append(f"measured at {ms['budget']}, but {REFERENCE} did not beat the majority-class baseline "
+            parts.append(f"measured at {ms['budget']}, but {REFERENCE} did not beat the {ms['baseline']} baseline "
                          "there, so that run says nothing about relative scores")
         trainable = est.params.get("trainable")
         base = est.params.get("base") or est.params.get("total")

@@ -76,6 +76,10 @@ def baselines(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """
     from peftlab.lab import metrics
 
+    if data and data.get("base_model"):  # generated text: the untrained base model's own answers
+        b = data["base_model"]
+        return {"base": {"name": "base model (no training)", "score": b["metrics"].get(b["metric"]),
+                         "secondary": b["metrics"].get(b["secondary_metric"])}}
     if not data or data.get("kind") != "classification" or not data.get("test_labels"):
         return {}
     labels, counts, test = data["labels"], data["counts"], data["test_labels"]
@@ -83,8 +87,17 @@ def baselines(data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     majority = metrics.majority_baseline(test, train_labels=train, num_classes=len(labels))
     chance = metrics.chance_baseline(len(labels), test)
     return {"majority": {"class": majority.predicted_class, "accuracy": majority.accuracy,
-                         "macro_f1": majority.macro_f1, "name": f"majority class ({labels[majority.predicted_class]!r})"},
-            "chance": {"accuracy": chance.accuracy, "macro_f1": chance.macro_f1, "name": "chance (uniform guess)"}}
+                         "macro_f1": majority.macro_f1, "score": majority.accuracy, "secondary": majority.macro_f1,
+                         "name": f"majority class ({labels[majority.predicted_class]!r})"},
+            "chance": {"accuracy": chance.accuracy, "macro_f1": chance.macro_f1, "score": chance.accuracy,
+                       "secondary": chance.macro_f1, "name": "chance (uniform guess)"}}
+
+
+def main_baseline(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The baseline a method must beat: the majority class (classification) or the untrained base
+    model (generated text, where the bench scored it)."""
+    found = baselines(data)
+    return found.get("majority") or found.get("base")
 
 
 # ----------------------------------------------------------------------------- spread
@@ -322,27 +335,27 @@ def _names(labels: list[str]) -> str:
 
 
 def warnings_for(agg: list[dict[str, Any]], data: dict[str, Any] | None, ev: Evidence | None = None) -> list[str]:
-    """One loud line per method that does not beat the majority-class baseline."""
-    base = baselines(data).get("majority")
+    """One loud line per method that does not beat the majority-class (or base-model) baseline."""
+    base = main_baseline(data)
     if not base:
         return []
     ev = ev or evidence(agg, data)
     out = []
     for a in agg:
-        beats = ev.beats(a["label"], base["accuracy"])
+        beats = ev.beats(a["label"], base["score"])
         if beats is True:
             continue
         verdict = "does not beat"
-        if a["score"] <= base["accuracy"]:
-            how = f"{a['metric']} {a['score']:.4f} vs {base['accuracy']:.4f}"
+        if a["score"] <= base["score"]:
+            how = f"{a['metric']} {a['score']:.4f} vs {base['score']:.4f}"
         else:
             verdict = "is not distinguishably above"
-            iv = ev.versus_baseline(a["label"], base["accuracy"])
-            how = (f"{a['metric']} {a['score']:.4f} vs {base['accuracy']:.4f}, "
+            iv = ev.versus_baseline(a["label"], base["score"])
+            how = (f"{a['metric']} {a['score']:.4f} vs {base['score']:.4f}, "
                    + (f"{CONFIDENCE:.0%} interval of the difference {_fmt_iv(iv)} includes 0" if iv else
                       "no spread measured to tell them apart"))
-        secondary = f"; {a['secondary_metric']} {a['secondary']:.4f} vs {base['macro_f1']:.4f}" \
-            if a.get("secondary") is not None and a.get("secondary_metric") == "macro_f1" else ""
+        secondary = f"; {a['secondary_metric']} {a['secondary']:.4f} vs {base['secondary']:.4f}" \
+            if a.get("secondary") is not None and base.get("secondary") is not None else ""
         out.append(f"WARNING: **{a['label']}** {verdict} the {base['name']} baseline ({how}{secondary}).")
     return out
 
@@ -365,7 +378,7 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
                      f"{data['used']['train']:,} training examples seen once): scores at this budget say little "
                      "about what the methods reach with more training (raise `--steps`).")
     lines += warnings_for(ours, data, ev)
-    base = baselines(data).get("majority")
+    base = main_baseline(data)
     if ev.kind == "none":
         lines.append("No spread was measured (one seed, no per-example test predictions), so no method is named "
                      "best: run several seeds (`--seeds 0 1 2`).")
@@ -373,9 +386,9 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
     else:
         how = (f"{CONFIDENCE:.0%} t-interval over {len(ours[0]['seeds'])} seeds" if ev.kind == "seeds" else
                f"{CONFIDENCE:.0%} paired bootstrap over {len((data or {}).get('test_labels') or [])} test examples")
-        contenders = [a for a in ours if base is None or ev.beats(a["label"], base["accuracy"])]
+        contenders = [a for a in ours if base is None or ev.beats(a["label"], base["score"])]
         if base is not None and not contenders:
-            lines.append("No method beats the majority-class baseline, so these results name no best method "
+            lines.append(f"No method beats the {base['name']} baseline, so these results name no best method "
                          "and no relative score means anything (full fine-tuning included): train longer or on "
                          "more data.")
         elif contenders:
@@ -481,8 +494,8 @@ def _score_cell(a: dict[str, Any], ev: Evidence) -> str:
 def _beats_cell(a: dict[str, Any], ev: Evidence, base: dict[str, Any] | None) -> str:
     if not base:
         return "-"
-    beats = ev.beats(a["label"], base["accuracy"])
-    return {True: "yes", False: "NO", None: "NO" if a["score"] <= base["accuracy"] else "?"}[beats]
+    beats = ev.beats(a["label"], base["score"])
+    return {True: "yes", False: "NO", None: "NO" if a["score"] <= base["score"] else "?"}[beats]
 
 
 def columns(ev: Evidence, base: dict[str, Any] | None, short: bool = False
@@ -494,7 +507,7 @@ def columns(ev: Evidence, base: dict[str, Any] | None, short: bool = False
         ("% base", "% of base", lambda a: f"{a['percent']:.3f}"),
         ("score", "score (95% interval)", lambda a: _score_cell(a, ev) if not short else _mean_pm(a["values"]["score"], "{:.4f}")),
         ("2nd", "secondary metric", lambda a: _mean_pm(a["values"]["secondary"], "{:.4f}")),
-        ("beats maj.", "beats majority", lambda a: _beats_cell(a, ev, base)),
+        ("beats base.", "beats baseline", lambda a: _beats_cell(a, ev, base)),
         ("vs full", f"score / {REFERENCE}", lambda a: f"{a['relative']:.3f}" if a.get("relative") is not None else "-"),
         ("s/step", "s / step median (IQR)", lambda a: _iqr(a["timing"]["step_wall"], "{:.3f}")),
         ("cpu s/step", "CPU s / step median (IQR)", lambda a: _iqr(a["timing"]["step_cpu"], "{:.3f}")),
@@ -514,7 +527,9 @@ def _baseline_rows(data: dict[str, Any] | None, n_columns: int) -> list[list[str
     out = []
     for b in baselines(data).values():
         cells = ["-"] * n_columns
-        cells[0], cells[3], cells[4] = b["name"], f"{b['accuracy']:.4f}", f"{b['macro_f1']:.4f}"
+        cells[0] = b["name"]
+        cells[3] = "-" if b.get("score") is None else f"{b['score']:.4f}"
+        cells[4] = "-" if b.get("secondary") is None else f"{b['secondary']:.4f}"
         out.append(cells)
     return out
 
@@ -524,7 +539,7 @@ def terminal_table(rows: list[dict[str, Any]], timings: list[dict[str, Any]] | N
     if not agg:
         return "(no finished methods yet)"
     data = data_facts(rows)
-    cols = columns(evidence(agg, data), baselines(data).get("majority"), short=True)
+    cols = columns(evidence(agg, data), main_baseline(data), short=True)
     header = [c[0] for c in cols]
     body = [[fn(a) for _, _, fn in cols] for a in agg] + _baseline_rows(data, len(cols))
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
@@ -577,7 +592,10 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
             out.append(f"- {b['name']}: accuracy {b['accuracy']:.4f}, macro-F1 {b['macro_f1']:.4f}")
     else:
         out.append(f"- examples used: train {used['train']:,}, validation {used['validation']:,}, "
-                   f"test {used['test']:,} (no class baselines for generated text)")
+                   f"test {used['test']:,} (generated text: no class baselines)")
+        for b in baselines(data).values():
+            out.append(f"- {b['name']}: score {b['score']:.4f}"
+                       + (f", secondary {b['secondary']:.4f}" if b.get("secondary") is not None else ""))
     if data.get("epoch_fraction") is not None:
         out.append(f"- budget: {data['examples_seen']:,} training examples seen = {data['epoch_fraction']:.1%} of "
                    f"one epoch over {used['train']:,} training examples")
@@ -613,7 +631,7 @@ def _markdown(agg: list[dict[str, Any]], rows: list[dict[str, Any]], timings: li
     if load:
         out += [f"Machine load (1-minute average) during the measurements: {load['min']:.2f} to {load['max']:.2f} "
                 f"on {load['cpus']} CPUs.", ""]
-    cols = columns(ev, baselines(data).get("majority"))
+    cols = columns(ev, main_baseline(data))
     out.append("## Results")
     out.append("")
     out.append("| " + " | ".join(c[1] for c in cols) + " |")
@@ -664,9 +682,9 @@ def _plots(run_dir: Path, agg: list[dict[str, Any]], data: dict[str, Any] | None
         for a in agg:
             ax.scatter(xkey(a), a["score"], s=60, color=colors[a["label"]], label=a["label"])
             ax.annotate(a["label"], (xkey(a), a["score"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
-        for key, style in (("majority", "--"), ("chance", ":")):
-            if key in base:
-                ax.axhline(base[key]["accuracy"], color="gray", linestyle=style, linewidth=1, label=base[key]["name"])
+        for key, style in (("majority", "--"), ("chance", ":"), ("base", "--")):
+            if key in base and base[key].get("score") is not None:
+                ax.axhline(base[key]["score"], color="gray", linestyle=style, linewidth=1, label=base[key]["name"])
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
