@@ -13,12 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 import peftlab
 from peftlab import models
 from peftlab.core.errors import ConfigError
-from peftlab.lab import metrics
 from peftlab.lab.data import Example
 from peftlab.lab.data_cli import data_task
 from peftlab.lab.tasks import SPLIT_VALUES, DataFileError, DataFiles, FileTask, get_task
@@ -273,3 +271,24 @@ def test_bench_on_own_data_end_to_end(files, capsys, how):
     for path in re.findall(r"report: (\S+)", out):  # every report path printed exists
         assert Path(path).is_file(), path
     assert re.findall(r"report: (\S+)", out)
+
+
+def test_train_on_a_causal_file_scores_the_base_model_as_its_baseline(tmp_path, capsys):
+    rows = [{"prompt": f"what colour is item {i}?", "response": f"item {i} is {c}.",
+             "split": "test" if i % 5 == 0 else "train"}
+            for i, c in enumerate(["red", "blue", "green", "black", "white"] * 4)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    run_dir = tmp_path / "run"
+    assert cli("train", "--data", str(path), "--model", "tiny-llama", "--steps", "2", "--batch-size", "4",
+               "--max-length", "48", "--eval-every", "0", "--no-progress", "--run-dir", str(run_dir)) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run_dir / "result.json").read_text())
+    # oracle: a fresh base model (same seed) scored on the same test rows
+    model, tok = models.load("tiny-llama", seed=0)
+    task = get_task(None, data=path)
+    base = task.evaluate(model, tok, task.examples("test"), batch_size=4, max_length=48)
+    assert result["base_model_test"]["loss"] == pytest.approx(base["loss"], abs=1e-5)
+    assert f"the base model before training: loss {base['loss']:.4f}" in out
+    assert ("WARNING: the test rouge_l" in out) == (result["test"]["rouge_l"] <= base["rouge_l"])
+    assert "2 steps x 4 examples = 8 examples" in out

@@ -328,6 +328,10 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
                           "SmolLM2's once `peftlab prepare smollm2-135m` has run); pick another --model")
     model.to(distributed.device_for(dist))
     say = print if dist.is_main else (lambda *a, **k: None)
+    test = subset(task.examples("test"), args.test_examples, 0)  # the bench's sample for the same N
+    # A causal LM's baseline is the base model itself (no class counts to compare with): scored
+    # on the same test examples before anything is attached.
+    base_scores = score(model, tokenizer, task, test, config) if task.kind != CLASSIFICATION else None
     if "modules_to_save" not in options:
         heads = head_modules(model, task)
         if heads:
@@ -344,10 +348,11 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
     where = f" on {dist.world} processes ({config.strategy})" if dist.active else ""
     say(f"peftlab: {task.name} ({task.kind}) on {model_name} with {args.method}: {counts.trainable:,} trainable "
         f"parameters, {counts.percent:.3f}% of the base model's {counts.base:,}{where}; run directory {run_dir}")
-    for split, origin in getattr(task, "origins", {}).items():
-        say(f"peftlab: {split} split: {origin}")
+    origins = getattr(task, "origins", {})  # a user's files: where each split came from
+    for split in ("train", "validation", "test"):
+        if split in origins:
+            say(f"peftlab: {split} split: {origins[split]}")
     result = train(model, tokenizer, task, config, run_dir=run_dir, resume=args.resume)
-    test = subset(task.examples("test"), args.test_examples, 0)  # the bench's sample for the same N
     test_scores = score(model, tokenizer, task, test, config)  # every rank: a sharded model evaluates together
 
     saved = run_dir / "adapter"
@@ -358,7 +363,7 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
     if not dist.is_main:
         return 0
     _write_json(run_dir / RESULT_FILE, {**result.to_dict(), "test": test_scores, "test_examples": len(test),
-                                        "percent_of_base": counts.percent})
+                                        "base_model_test": base_scores, "percent_of_base": counts.percent})
 
     print(f"\n{result.steps} steps in {result.seconds:.1f} s ({result.seconds_per_step:.3f} s/step, "
           f"{result.tokens_per_second:,.0f} tokens/s)")
@@ -369,12 +374,13 @@ def _run_locked(args: argparse.Namespace, dist: distributed.Dist, task: Any, mod
         print("  overfitting: the validation loss rose above its best by more than its noise while the training "
               "loss fell; see the evaluations in result.json")
     print()
-    print("\n".join(test_report(task, result, config, test, test_scores)))
+    print("\n".join(test_report(task, result, config, test, test_scores, base_scores)))
     print(f"saved to {saved}")
     return 0
 
 
-def test_report(task: Any, result: TrainResult, config: TrainConfig, test: list, scores: dict[str, float]) -> list[str]:
+def test_report(task: Any, result: TrainResult, config: TrainConfig, test: list, scores: dict[str, float],
+                base: dict[str, float] | None = None) -> list[str]:
     """The lines ``peftlab train`` ends with: the test scores beside what they must be read against.
 
     For every task: the test scores (classification: accuracy and macro-F1) and the budget as
@@ -383,6 +389,8 @@ def test_report(task: Any, result: TrainResult, config: TrainConfig, test: list,
     the best a model that learned nothing can score) and the chance baseline (uniform guessing),
     and a warning when the accuracy does not beat the majority class by more than
     :func:`~peftlab.lab.metrics.binomial_margin` (2 standard errors at this many test examples).
+    For a causal LM the baseline is the base model's scores on the same examples (``base``),
+    with a warning when the trained model's primary metric is not above it.
     """
     shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
     lines = [f"test split ({len(test):,} examples): {shown}"]
@@ -390,8 +398,14 @@ def test_report(task: Any, result: TrainResult, config: TrainConfig, test: list,
     lines.append(f"  budget: {result.steps} steps x {per_step} examples = {result.steps * per_step:,} examples, "
                  f"{result.epochs:.2f} of an epoch of {result.train_size:,} training examples")
     if task.kind != CLASSIFICATION:
-        lines.append("  baselines: none for a causal LM here; compare with the base model's scores "
-                     f"(peftlab bench --task {task.name})")
+        if base is not None:
+            lines.append("  baseline on test: the base model before training: "
+                         + "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
+            if scores[task.metric] <= base[task.metric]:
+                lines.append("")
+                lines.append(f"WARNING: the test {task.metric} {scores[task.metric]:.4f} is not above the base "
+                             f"model's {base[task.metric]:.4f}: training did not improve the answers. The budget was "
+                             f"{result.epochs:.2f} of an epoch: train longer (--steps) or try another --lr.")
         return lines
     names = task.labels
     test_labels = [e.label for e in test]
