@@ -393,7 +393,8 @@ def _manual_run(model: nn.Module, steps: range, optimizer: torch.optim.Optimizer
 def test_training_state_is_what_an_exact_resume_needs():
     """Trainable tensors + optimizer + Method.training_state, copied into a fresh run, continue
     bit-identically (tensors and scores); without the training state the scores differ."""
-    opts = dict(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    opts = dict(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2,
+                target_modules=["q_proj", "v_proj", "down_proj"])
 
     def fresh():
         model = tiny_llama()

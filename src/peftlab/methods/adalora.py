@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -60,7 +60,6 @@ __all__ = ["AdaLoRA", "AdaLoRALayer", "budget_schedule"]
 EPS = 1e-5
 """peft divides by ``ranknum + 1e-5``."""
 INITS = ("default", "random")
-_STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -300,8 +299,9 @@ class AdaLoRA(Method):
             out[re.sub(r"\.lora_E(\.[^.]+)?$", "", key)] = tuple(flags)
         unknown = sorted(set(out) - set(paths))
         if unknown:
-            raise ConfigError(f"adalora: rank_pattern names modules that are not adapted: {unknown[:5]}; its keys must "
-                              "be '<module path>.lora_E' of the target modules (was the adapter saved from another model?)")
+            raise ConfigError(f"adalora: rank_pattern names modules that are not adapted: {unknown[:5]}; its keys "
+                              "must be '<module path>.lora_E' of the target modules (was the adapter saved from "
+                              "another model?)")
         return out
 
     def attach(self, model: nn.Module, name: str) -> None:
