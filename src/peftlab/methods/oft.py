@@ -119,15 +119,44 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
         return torch.linalg.solve(eye + q, eye - q)  # (I + Q)^-1 (I - Q) = (I - Q)(I + Q)^-1
     if terms <= 1:
         return eye.expand_as(q).clone()
-    out = eye + 2 * q
+    out = torch.add(eye, q, alpha=2)
     if terms >= 3:
         top = max(3, terms - 1)
         power = q
         for _ in range(2, top):
             power = torch.bmm(power, q)
-            out = out + 2 * power
+            out = torch.add(out, power, alpha=2)
         out = out + torch.bmm(power, q)
     return out
+
+
+def blocks_from(vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor:
+    """``cayley(skew(vec))`` in fp32 (never under autocast), differentiable in ``vec``, keeping only
+    ``vec`` for the backward pass: the powers of ``Q`` (or the exact form's factorisation) are
+    recomputed there, which costs ``r b^3`` flops per layer instead of holding several
+    ``(r, b, b)`` tensors per layer through the whole forward pass."""
+    return _Blocks.apply(vec, b, neumann, terms)
+
+
+def _blocks(vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor:
+    with torch.autocast(vec.device.type, enabled=False):
+        return cayley(skew(vec.float(), b), neumann, terms)
+
+
+class _Blocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor:
+        ctx.save_for_backward(vec)
+        ctx.settings = (b, neumann, terms)
+        return _blocks(vec, b, neumann, terms)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (vec,) = ctx.saved_tensors
+        with torch.enable_grad():
+            v = vec.detach().requires_grad_(True)
+            (out,) = torch.autograd.grad(_blocks(v, *ctx.settings), v, grad)
+        return out, None, None, None
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -203,7 +232,7 @@ class OFTLayer(MergeableLayer):
                     vec.copy_(project(vec, st.eps))
             else:
                 vec = vec + (project(vec.detach(), st.eps) - vec.detach())  # same values, no write
-        rot = cayley(skew(vec.float(), st.block_size), st.neumann, st.terms)
+        rot = blocks_from(vec, st.block_size, st.neumann, st.terms)
         if self.training and st.dropout > 0 and rot.shape[0] > 1:
             n = rot.shape[0]
             keep = torch.ones(n, device=rot.device, dtype=torch.bool)
