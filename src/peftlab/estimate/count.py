@@ -336,6 +336,10 @@ class _SDPA(TorchFunctionMode):
                     and x.dim() >= 2 and x.shape[-1] == w.shape[0] and self.probe.tokens(x) >= PROBE_TOKENS
                     and id(w) not in self.probe.module_weights):
                 self.probe.on_derived_linear(x, w.T)
+            elif self.probe.batched(x, w):
+                # ``W @ X`` with a trainable 2-D ``W`` and a matrix ``X`` per position (LoKr's Kronecker
+                # factors, ``W1 X W2^T`` per token): ``X`` is kept for ``W``'s gradient.
+                self.probe.on_batched_product(w, x)
         return out
 
 
@@ -476,6 +480,29 @@ class _Probe:
             g = _Group(self.block, int(x.shape[-1]), self.tokens(x), x.element_size(), x.dtype, self.calls)
             self.groups[id(x)] = g
         g.members.append(("<derived weight>", int(w.shape[0]), True, w.numel()))
+
+    def batched(self, w: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether ``w @ x`` applies a trainable 2-D ``w`` to a matrix per position of an activation
+        ``x`` (leading dimensions: the positions; at least three dimensions)."""
+        return (isinstance(w, torch.Tensor) and isinstance(x, torch.Tensor) and w.requires_grad and w.dim() == 2
+                and x.dim() >= 3 and x.is_floating_point() and x.shape[-2] == w.shape[1]
+                and id(x if x._base is None else x._base) not in self.model_tensors
+                and x.numel() // max(1, x.shape[-1] * x.shape[-2]) >= PROBE_TOKENS)
+
+    def on_batched_product(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        """``w @ x`` (see :meth:`batched`): ``x`` is kept, grouped with every other view of the same
+        tensor (so products reading one layer input count it once), as wide as a position's matrix."""
+        root = x if x._base is None else x._base
+        self.calls += 1
+        if self.first_trainable is None:
+            self.first_trainable = self.calls
+        self.keep.append(root)
+        positions = x.numel() // max(1, x.shape[-1] * x.shape[-2])
+        g = self.groups.get(id(root))
+        if g is None:
+            g = _Group(self.block, x.shape[-1] * x.shape[-2], positions, x.element_size(), x.dtype, self.calls)
+            self.groups[id(root)] = g
+        g.members.append(("<batched product>", int(w.shape[0]), True, w.numel()))
 
     def scales(self, x: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether ``x * v`` is an activation ``x`` scaled by a trainable parameter ``v`` (or a view
