@@ -201,7 +201,7 @@ def test_method_extra_tokens_lengthen_the_sequence() -> None:
 
 @pytest.mark.slow
 def test_presets_build_with_their_published_sizes() -> None:
-    sizes = {"llama-2-7b": 6.74e9, "mistral-7b": 7.24e9, "llama-3-8b": 8.03e9, "qwen2.5-0.5b": 0.494e9,
+    sizes = {"llama-2-7b": 6.74e9, "llama-3.2-3b": 3.21e9, "mistral-7b": 7.24e9, "llama-3-8b": 8.03e9, "qwen2.5-0.5b": 0.494e9,
              "qwen2.5-7b": 7.62e9, "gpt2": 124e6, "bert-base": 109e6, "roberta-base": 125e6}
     assert set(sizes) <= set(PRESETS)
     for name, n in sizes.items():
