@@ -42,7 +42,7 @@ from peftlab.core import slots
 from peftlab.core.errors import ConfigError, TargetError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import FILE_PREFIX, Method, register
-from peftlab.core.targets import ALL_LINEAR, is_linear, select
+from peftlab.core.targets import ALL_LINEAR, select
 
 __all__ = ["VeRA", "VeRALayer", "VeRAProjection", "projection_matrices"]
 
@@ -270,8 +270,8 @@ class VeRA(Method):
             keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
                     and not any(c in k.split(".") for c in (*VeRALayer.adapter_containers, "peftlab_copy"))]
         if not keys:
-            raise ConfigError(f"vera: bias={self.bias!r} but the {'adapted layers' if self.bias == 'vera_only' else 'model'}"
-                              " have no bias; use bias='none'")
+            where = "adapted layers" if self.bias == "vera_only" else "model"
+            raise ConfigError(f"vera: bias={self.bias!r} but the {where} have no bias; use bias='none'")
         return keys
 
     def projection(self, model: nn.Module, name: str) -> tuple[str, VeRAProjection]:
