@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import register
@@ -71,6 +72,17 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, shape: torch.Size) -> torch.T
         w1 = w1[:, :, None, None]
     w2 = w2.reshape(-1).view(w2.shape)  # plain strides: torch.kron fails on an einsum's odd size-1 strides
     return torch.kron(w1, w2).reshape(shape)
+
+
+def _kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str) -> torch.Tensor:
+    """``(W1 ⊗ W2) x`` per position as ``vec(W1 X W2^T)``, ``X``: the ``c x d`` view of ``x``'s features.
+    The weights stand on the left of batched products over the positions."""
+    xs = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+    if order == "w2_first":  # W1 (W2 X^T)^T
+        y = w1 @ (w2 @ xs.mT).mT
+    else:  # (W1 X) W2^T = W2 (W1 X)^T, transposed
+        y = (w2 @ (w1 @ xs).mT).mT
+    return y.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
 
 
 class LoKrLayer(LycorisLayer):
@@ -166,13 +178,13 @@ class LoKrLayer(LycorisLayer):
         if scalar:
             w1 = w1 * rows  # the scale on the smallest tensor
         x = x.to(w1.dtype)
-        if isinstance(self, nn.Linear):  # weights on the left: batched products over the positions
-            xs = x.reshape(*x.shape[:-1], in_m, in_n)
-            if order == "w2_first":  # W1 (W2 X^T)^T
-                y = w1 @ (w2 @ xs.mT).mT
-            else:  # (W1 X) W2^T = W2 (W1 X)^T, transposed
-                y = (w2 @ (w1 @ xs).mT).mT
-            y = y.reshape(*x.shape[:-1], out_l * out_k)
+        if isinstance(self, nn.Linear):
+            if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+                # the intermediate (in_m x out_k per position) is recomputed in the backward pass, so
+                # training keeps only the layer's input, as the dense form does, but never delta W
+                y = checkpoint(_kron_linear, x, w1, w2, order, use_reentrant=False, preserve_rng_state=False)
+            else:
+                y = _kron_linear(x, w1, w2, order)
         else:  # Conv2d, groups 1: W2's convolution on the c channel groups as a batch, W1 mixes them
             kernel = w2.reshape(out_k, in_n, *self.weight.shape[2:])
             n, hw = x.shape[0], x.shape[2:]
