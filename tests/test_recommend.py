@@ -31,7 +31,7 @@ def _row(method: str, score: float, *, seed: int = 0, model: str = "minilm", ste
          seq: int = 64, **extra) -> dict:
     return {"method": method, "impl": "peftlab", "seed": seed, "model": model, "task": "tweets", "score": score,
             "metric": "accuracy", "trainable": 1000, "percent": 1.0, "checkpoint_bytes": 10,
-            "test_predictions": predictions(score), "data": DATA, "env": {"device": "cpu", "cpus": 2},
+            "test_predictions": predictions(score), "data": DATA, "device": "cpu", "env": {"cpus": 2},
             "budget": {"steps": steps, "batch_size": batch, "max_length": seq, "train_examples": None,
                        "eval_examples": 160, "test_examples": 100, "seeds": [seed]}, **extra}
 

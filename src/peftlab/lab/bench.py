@@ -203,7 +203,7 @@ def _load() -> float:
 def _environment() -> dict[str, Any]:
     import torch
 
-    return {"torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+    return {"torch": torch.__version__, "accelerator": "cuda" if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
@@ -296,13 +296,14 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                       save_every=spec.get("save_every", 0), train_examples=p.train_examples,
                       progress=spec.get("progress", True))
     out_dir = Path(spec["out_dir"])
-    if torch.cuda.is_available():
+    device = next(model.parameters()).device.type  # where it trains (models load on the CPU)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu0 = time.process_time()
     result = train(model, tok, task, cfg, run_dir=out_dir / "train", resume=spec.get("resume", False))
     cpu_train = time.process_time() - cpu0
     rss_train = _rss_bytes()
-    gpu_peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    gpu_peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
     test = subset(task.examples("test"), p.test_examples, 0)  # the same fair sample for every run
     metrics, predictions = _evaluate(task, model, tok, test, max(p.batch_size, 16), p.max_length)
     ckpt = out_dir / "adapter"
@@ -322,7 +323,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "test_metrics": metrics, "test_predictions": predictions,
         "history": [{k: h[k] for k in ("step", "loss") if k in h} for h in result.history],
         "evals": result.evals, "overfitting": result.overfitting,
-        "checkpoint_bytes": _dir_bytes(ckpt), "threads": torch.get_num_threads(),
+        "checkpoint_bytes": _dir_bytes(ckpt), "threads": torch.get_num_threads(), "device": device,
         "load": [load_start, _load()],
     }
 

@@ -224,7 +224,7 @@ def _measured_memory(m: dict[str, Any] | None, need: Need, settings: dict[str, A
         b = r.get("budget") or {}
         if b.get("batch_size") != need.batch or b.get("max_length") != need.seq:
             continue
-        if (r.get("env") or {}).get("device") != device:
+        if r.get("device", (r.get("env") or {}).get("device")) != device:
             continue
         peak = r.get("peak_train_gpu") if device == "cuda" else r.get("peak_train_rss")
         if peak:

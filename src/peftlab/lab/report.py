@@ -612,7 +612,7 @@ def _markdown(agg: list[dict[str, Any]], rows: list[dict[str, Any]], timings: li
     load = load_summary(rows, timings)
     total = sum(a["wall_seconds"] for a in agg)
     out = [f"# peftlab bench: {first.get('model', '?')} on {first.get('task', '?')}", "",
-           f"Profile `{first.get('profile', '?')}`{_budget(first)}; machine: {env.get('device', '?')}, "
+           f"Profile `{first.get('profile', '?')}`{_budget(first)}; trained on {first.get('device', env.get('device', '?'))}, "
            f"{env.get('cpus', '?')} CPUs, {env.get('threads', '?')} threads, torch {env.get('torch', '?')}. "
            f"Score is the test-split `{agg[0]['metric'] if agg else '?'}` (interval: "
            + {"seeds": f"{CONFIDENCE:.0%} t-interval of the mean over seeds",
