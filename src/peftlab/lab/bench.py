@@ -65,7 +65,8 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # about 10 minutes for 14 methods on 2 CPU cores (~30 s training + 3 timing rounds of ~5 s each)
+    # per method on 2 idle CPU cores: ~35 s of training (the previous profile's measurement) plus three
+    # timing rounds of a few seconds each; a loaded machine is slower, as the report's load line shows
     "default": Profile(steps=40, batch_size=16, max_length=64, eval_every=20, eval_examples=160,
                        test_examples=512, seeds=(0,), latency_runs=8, timing_rounds=3, timing_steps=4),
     "full": Profile(steps=400, batch_size=32, max_length=96, eval_every=50, eval_examples=1000,
