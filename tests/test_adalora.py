@@ -371,6 +371,8 @@ def test_trainer_prunes_ranks_to_the_budget_and_the_summary_shows_them(tmp_path)
     assert f"rank allocation {sum(k for k, _ in ranks.values())} of 48 triplets kept over 8 layers" in text
     for path_, (k, r) in ranks.items():
         assert any(line.startswith(path_) and line.rstrip().endswith(f"{k}/{r}") for line in text.splitlines())
+    mean_v = sum(k for p, (k, _) in ranks.items() if p.endswith("v_proj")) / 2
+    assert "mean kept rank by module name: q_proj" in text and f"v_proj {mean_v:.1f}" in text
     peftlab.save(model, tmp_path / "adapter")
     config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert {k.removesuffix(".lora_E"): sum(v) for k, v in config_json["rank_pattern"].items()} == \

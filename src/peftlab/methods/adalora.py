@@ -445,9 +445,14 @@ class AdaLoRA(Method):
         kept = sum(k for k, _ in ranks.values())
         counts = sorted({k for k, _ in ranks.values()})
         spread = f"ranks {counts[0]}..{counts[-1]}" if len(counts) > 1 else f"rank {counts[0]} everywhere"
+        by_kind: dict[str, list[int]] = {}
+        for path, (k, _) in ranks.items():
+            by_kind.setdefault(path.rpartition(".")[2], []).append(k)
+        means = ", ".join(f"{kind} {sum(v) / len(v):.1f}" for kind, v in by_kind.items())
         return [f"adalora {name!r}: rank allocation {kept} of {sum(r for _, r in ranks.values())} triplets kept "
                 f"over {len(ranks)} layers (target {self.target_r * len(ranks)}: target_r {self.target_r} x "
-                f"{len(ranks)}), {spread}; per module in the table's 'adalora rank' column"]
+                f"{len(ranks)}), {spread}; per module in the table's 'adalora rank' column",
+                f"adalora {name!r}: mean kept rank by module name: {means}"]
 
     # ------------------------------------------------------------------------ files
     def file_tensors(self, model: nn.Module, name: str) -> dict[str, tuple[str, torch.Tensor]]:
