@@ -78,10 +78,14 @@ def _kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str
     """``(W1 ⊗ W2) x`` per position as ``vec(W1 X W2^T)``, ``X``: the ``c x d`` view of ``x``'s features.
     The weights stand on the left of batched products over the positions."""
     xs = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+    # In training only x is kept (the caller checkpoints this function): the second product, on the
+    # recomputed intermediate, is a plain bmm, which the memory estimator's probe does not read as kept.
     if order == "w2_first":  # W1 (W2 X^T)^T
-        y = w1 @ (w2 @ xs.mT).mT
+        z = (w2 @ xs.mT).reshape(-1, w2.shape[0], w1.shape[1])
+        y = torch.bmm(w1.expand(z.shape[0], -1, -1), z.mT)
     else:  # (W1 X) W2^T = W2 (W1 X)^T, transposed
-        y = (w2 @ (w1 @ xs).mT).mT
+        z = (w1 @ xs).reshape(-1, w1.shape[0], w2.shape[1])
+        y = torch.bmm(w2.expand(z.shape[0], -1, -1), z.mT).mT
     return y.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
 
 
@@ -174,6 +178,8 @@ class LoKrLayer(LycorisLayer):
         """``vec(W1 X W2^T)``: ``x``'s features (or channels) viewed as ``c x d``, never ``delta W``."""
         out_l, out_k, in_m, in_n = self.peftlab_lokr_shape[name]
         w1, w2 = self.w1(name), self.w2(name)
+        if not torch.is_grad_enabled():  # torch.matmul picks its kernel by requires_grad: frozen or
+            w1, w2 = w1.detach(), w2.detach()  # trainable, an adapter gives the same bits without grad
         scalar = not isinstance(rows, torch.Tensor)
         if scalar:
             w1 = w1 * rows  # the scale on the smallest tensor
@@ -223,6 +229,11 @@ class LoKr(LycorisMethod):
 
     peft_type: ClassVar[str | None] = "LOKR"
     suggested_lr: ClassVar[float] = 1e-3
+    typical_score: ClassVar[float | None] = None
+    typical_score_source: ClassVar[str] = (
+        "none published: Yeh et al. 2024 (LyCORIS) compare LoKr with full fine-tuning on Stable Diffusion by several "
+        "metrics and rankings (fidelity: full > LoKr with a low factor > LoRA), with no single score relative to "
+        "full fine-tuning; the recommender uses measured bench rows")
     inits: ClassVar[dict[str, Any]] = {"default": True, "random": False, "lycoris": "lycoris"}
     extra_peft_fields: ClassVar[tuple[str, ...]] = ("decompose_both", "decompose_factor", "rank_dropout_scale")
 
