@@ -21,7 +21,9 @@ multiply-adds per token (or the mirror order, ``d_in a + d_out d``) instead of `
 convolution, ``W2``'s convolution runs on the ``c`` channel groups as a batch and ``W1`` mixes the
 groups (channel mixing commutes with zero padding, stride and dilation). The layer takes the
 cheapest of the two orders and forming ``delta W`` (which it does for grouped convolutions and
-``nn.Conv1d``, as peft always does). Tensor names and the config follow peft's.
+``nn.Conv1d``, as peft always does). On a linear layer the per-position intermediate is recomputed
+in the backward pass, so training keeps the layer's input only (peft keeps ``delta W`` and the
+input). Tensor names and the config follow peft's.
 """
 
 from __future__ import annotations
