@@ -430,3 +430,33 @@ def test_saved_config_is_peft_s(tmp_path):
     assert sorted(config["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert isinstance(peft.PeftConfig.from_pretrained(tmp_path), peft.LoHaConfig)
     assert math.isclose(peftlab.summary(model).trainable, 2 * 4 * 4 * 32)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_two_adapters_stack_and_merge_in_any_order(method):
+    """Two adapters of one method on the same layers: active together their updates add; merging
+    them one after the other equals the unmerged sum; unmerging restores the weights exactly."""
+    model = tiny_llama()
+    peftlab.attach(model, method, "a", r=2, target_modules=["q_proj", "down_proj"])
+    peftlab.attach(model, method, "b", r=1, alpha=3.0, target_modules=["q_proj", "v_proj"])
+    perturb(peftlab.adapter_parameters(model, "a"), scale=0.2)
+    perturb(peftlab.adapter_parameters(model, "b"), seed=5, scale=0.2)
+    base = run(tiny_llama(), "llama")
+    peftlab.use(model, "a")
+    only_a = run(model, "llama")
+    peftlab.use(model, "b")
+    only_b = run(model, "llama")
+    peftlab.use(model, "a", "b")
+    both = run(model, "llama")
+    assert not torch.allclose(only_a, base, atol=1e-4) and not torch.allclose(only_b, base, atol=1e-4)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        w = layer.weight + layer.delta_weight("a") + layer.delta_weight("b")
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w), **TOL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftlab.merge(model, ["b"])
+    peftlab.merge(model, ["a"])
+    torch.testing.assert_close(run(model, "llama"), both, **TOL)
+    peftlab.unmerge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
