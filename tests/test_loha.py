@@ -295,6 +295,7 @@ def test_the_cheaper_form_is_chosen():
     wide = _layer(nn.Linear(256, 256), r=4)
     x = torch.randn(64, 256)
     assert wide.factored_is_cheaper("default", x)
+    assert not wide.factored_is_cheaper("default", torch.randn(256 * 256 // 16 + 1, 256))  # keeps more than delta W
     narrow = _layer(nn.Linear(32, 32), r=16)
     assert not narrow.factored_is_cheaper("default", torch.randn(64, 32))
     tucker = _layer(nn.Conv2d(16, 16, 3), r=2, use_effective_conv2d=True)

@@ -19,7 +19,8 @@ Forward. peft forms ``delta W`` (``d_out x d_in``) on every call. Since
 product, ``delta W x = U (V x)`` with ``U = A1 • A2`` (``d_out x r^2``) and ``V`` (``r^2 x d_in``):
 ``r^2 (d_in + d_out)`` multiply-adds per token instead of ``d_in d_out``, and no ``d_out x d_in``
 tensor kept for the backward pass. The layer takes whichever form costs fewer multiply-adds for the
-call (the factored one unless ``r^2`` approaches ``d_in d_out / (d_in + d_out)``); the materialised
+call (the factored one unless ``r^2`` approaches ``d_in d_out / (d_in + d_out)``, or the call's
+positions times ``r^2`` would exceed ``d_in d_out``, what the formed update keeps); the materialised
 form recomputes ``delta W`` in the backward pass instead of keeping the two products (what peft's
 custom autograd function does). Tensor names and the config follow peft's, so files load both ways.
 """
@@ -126,7 +127,9 @@ class LoHaLayer(LycorisLayer):
         return CONV[self.weight.dim()](h, u.reshape(*u.shape, *ones))
 
     def factored_is_cheaper(self, name: str, x: torch.Tensor) -> bool:
-        """Multiply-adds of one training step (forward and backward) for both forms."""
+        """Whether the factored form costs fewer multiply-adds in one training step (forward and
+        backward) and keeps no more for the backward pass (``r^2`` per position) than the formed
+        ``delta W`` (``d_out x d_in``) does."""
         s = self.settings(name)
         if s.effective_conv or getattr(self, "groups", 1) != 1:
             return False
@@ -134,7 +137,8 @@ class LoHaLayer(LycorisLayer):
         channels = x.shape[-1] if isinstance(self, nn.Linear) else x.shape[1]
         tokens = x.numel() // max(1, channels)  # a convolution: input positions, about its output's
         rr = s.r * s.r
-        return 3 * tokens * rr * (d_in + d_out) + 2 * rr * (d_in + d_out) < 3 * tokens * d_in * d_out + 8 * s.r * d_in * d_out
+        fewer = 3 * tokens * rr * (d_in + d_out) + 2 * rr * (d_in + d_out) < 3 * tokens * d_in * d_out + 8 * s.r * d_in * d_out
+        return fewer and tokens * rr <= d_in * d_out
 
     def update(self, name: str, x: torch.Tensor, rows: float | torch.Tensor) -> torch.Tensor:
         if self.factored_is_cheaper(name, x):
