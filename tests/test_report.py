@@ -168,3 +168,18 @@ def test_memory_names_the_lowest_only_beyond_the_tie_margin():
     rows[2]["peak_train_rss"] = 390 * 2**20
     text = "\n".join(report.guidance(report.aggregate(rows), DATA))
     assert "**bitfit**, **lora**, **full**, within 5% of each other" in text
+
+
+def test_a_tiny_budget_is_not_printed_as_zero_and_loaded_latency_claims_nothing():
+    data = facts(LABELS, [13000, 27000], seen=96)
+    rows = [row("full", MAJORITY, data), row("lora", MAJORITY, data)]
+    timings = [{"method": "full", "impl": "peftlab", "round": 0, "step_wall": [1.0], "step_cpu": [1.0],
+                "latency": {"b1_unmerged": {"wall": [1.4, 1.5, 1.6]}, "b1_merged": {"wall": [0.2, 0.21, 0.22]}}}]
+    agg = report.aggregate(rows, timings)
+    quiet = {"material": False}
+    text = "\n".join(report.guidance(agg, data, quiet))
+    assert "The budget is 0.24% of one epoch (96 of 40,000" in text
+    assert "full measured slower than merged" in text
+    busy = {"material": True, "min": 8.0, "max": 15.0, "cpus": 2, "limit": 1.0, "changed": []}
+    text = "\n".join(report.guidance(agg, data, busy))
+    assert "slower than merged" not in text and "no unmerged/merged difference is claimed" in text

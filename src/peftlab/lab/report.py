@@ -374,7 +374,8 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
     lines: list[str] = []
     fraction = (data or {}).get("epoch_fraction")
     if fraction is not None and fraction < 1:
-        lines.append(f"The budget is {fraction:.0%} of one epoch ({data['examples_seen']:,} of "
+        lines.append(f"The budget is {fraction:.0%}" if fraction >= 0.01 else f"The budget is {fraction:.2%}")
+        lines[-1] += (f" of one epoch ({data['examples_seen']:,} of "
                      f"{data['used']['train']:,} training examples seen once): scores at this budget say little "
                      "about what the methods reach with more training (raise `--steps`).")
     lines += warnings_for(ours, data, ev)
@@ -413,7 +414,7 @@ def guidance(agg: list[dict[str, Any]], data: dict[str, Any] | None = None,
         if below:
             lines.append(f"Distinguishably below {REFERENCE}: {_names(below)}.")
     lines += _memory_lines(ours)
-    lines += _latency_lines(ours)
+    lines += _latency_lines(ours, bool(load and load["material"]))
     over = [a["label"] for a in ours if a["overfitting"]]
     if over:
         lines.append("Overfitting flagged (training loss falling while validation loss rose) for: "
@@ -445,8 +446,10 @@ def load_warning(load: dict[str, Any]) -> str:
             "from a quiet machine are worth more; CPU time is less affected than wall time.")
 
 
-def _latency_lines(ours: list[dict[str, Any]]) -> list[str]:
-    """Merged versus unmerged latency, said only where the difference is above the noise."""
+def _latency_lines(ours: list[dict[str, Any]], loaded: bool = False) -> list[str]:
+    """Merged versus unmerged latency, said only where the difference is above the noise and the
+    machine's load held still (a job measures unmerged before its training steps and merged after,
+    so a load change between the two is not the method's)."""
     lines = []
     slower = [a["label"] for a in ours if above_noise(a["timing"].get("latency_b1_unmerged"),
                                                       a["timing"].get("latency_b1_merged"))
@@ -454,7 +457,9 @@ def _latency_lines(ours: list[dict[str, Any]]) -> list[str]:
     merged = [a["label"] for a in ours if a["timing"].get("latency_b1_merged")]
     if merged:
         lines.append("Mergeable methods (" + ", ".join(merged) + ") serve at the base model's latency once merged"
-                     + (f"; unmerged, {', '.join(slower)} measured slower than merged (batch 1, beyond the IQR)"
+                     + ("; the machine's load changed during the run, so no unmerged/merged difference is "
+                        "claimed" if loaded else
+                        f"; unmerged, {', '.join(slower)} measured slower than merged (batch 1, beyond the IQR)"
                         if slower else "; unmerged, no difference above the measured noise (IQR) at batch 1")
                      + ". Serving many tasks from one base favours small checkpoints and switching adapters unmerged.")
     return lines
