@@ -183,3 +183,19 @@ def test_a_tiny_budget_is_not_printed_as_zero_and_loaded_latency_claims_nothing(
     busy = {"material": True, "min": 8.0, "max": 15.0, "cpus": 2, "limit": 1.0, "changed": []}
     text = "\n".join(report.guidance(agg, data, busy))
     assert "slower than merged" not in text and "no unmerged/merged difference is claimed" in text
+
+
+def test_a_method_s_notes_on_its_trained_adapter_are_in_the_report():
+    """AdaLoRA's final rank allocation (``Method.describe``, via ``peftlab.summary``) reaches the report."""
+    import peftlab
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    peftlab.attach(model, "adalora", init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], total_step=10)
+    notes = peftlab.summary(model).notes
+    assert notes and any("rank allocation" in n for n in notes)
+    rows = [row("full", MAJORITY, DATA, trainable=1000), row("adalora", MAJORITY, DATA, notes=notes),
+            row("lora", MAJORITY, DATA)]
+    md = report._markdown(report.aggregate(rows), rows, None, {})
+    section = md.split("## Method notes (trained adapters)", 1)[1].split("##", 1)[0]
+    assert "**adalora (seed 0)**" in section and notes[0] in section and "**lora (seed" not in section

@@ -307,6 +307,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     gpu_peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
     test = subset(task.examples("test"), p.test_examples, 0)  # the same fair sample for every run
     metrics, predictions = _evaluate(task, model, tok, test, max(p.batch_size, 16), p.max_length)
+    # what each method says about its trained adapter (AdaLoRA: the final rank allocation)
+    notes = peftlab.summary(model).notes if spec["impl"] == "peftlab" else []
     ckpt = out_dir / "adapter"
     if ckpt.exists():
         shutil.rmtree(ckpt)
@@ -325,7 +327,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "history": [{k: h[k] for k in ("step", "loss") if k in h} for h in result.history],
         "evals": result.evals, "overfitting": result.overfitting,
         "checkpoint_bytes": _dir_bytes(ckpt), "threads": torch.get_num_threads(), "device": device,
-        "load": [load_start, _load()],
+        "load": [load_start, _load()], "notes": notes,
     }
 
 

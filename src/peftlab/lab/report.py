@@ -608,6 +608,13 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def method_notes(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """``{"method (seed s)": lines}``: what each method's ``describe`` said about its trained adapter
+    (``peftlab.summary(...).notes``; AdaLoRA's final rank allocation), per run that has any."""
+    return {f"{r['method']} (seed {r.get('seed', 0)})": list(r["notes"]) for r in rows
+            if "error" not in r and r.get("notes")}
+
+
 def _markdown(agg: list[dict[str, Any]], rows: list[dict[str, Any]], timings: list[dict[str, Any]] | None,
               skipped: dict[str, str]) -> str:
     first = next((r for r in rows if "error" not in r), rows[0] if rows else {})
@@ -654,6 +661,11 @@ def _markdown(agg: list[dict[str, Any]], rows: list[dict[str, Any]], timings: li
             out.append(f"| {r['method']} | " + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for k in
                        ("step_time", "peak_memory", "score", "latency_b1_unmerged", "latency_b1_merged",
                         "latency_b8_unmerged")) + " |")
+    notes = method_notes(rows)
+    if notes:
+        out += ["", "## Method notes (trained adapters)", ""]
+        for label, lines in notes.items():
+            out += [f"- **{label}**: " + "; ".join(lines)]
     g = [line for line in guidance(agg, data, load) if not line.startswith("WARNING")]  # shown at the top
     if g:
         out += ["", "## Guidance", ""] + [f"- {line}" for line in g]
