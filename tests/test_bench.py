@@ -222,10 +222,15 @@ def test_generated_text_is_compared_with_the_untrained_base_model_and_peft(tmp_p
     from peftlab.lab.trainer import subset
 
     run_dir = tmp_path / "run"
-    rows = run(BenchConfig(model="tiny-llama", task="chat", methods=["lora"], profile="smoke", run_dir=run_dir,
-                           vs_peft=True, overrides={"timing_rounds": 1}))
-    assert sorted((r["method"], r["impl"]) for r in rows) == [("full", "peftlab"), ("lora", "peft"),
-                                                              ("lora", "peftlab")]
+    rows = run(BenchConfig(model="tiny-llama", task="chat", methods=["lora", "adalora"], profile="smoke",
+                           run_dir=run_dir, vs_peft=True, overrides={"timing_rounds": 1}))
+    assert sorted((r["method"], r["impl"]) for r in rows) == [("adalora", "peftlab"), ("full", "peftlab"),
+                                                              ("lora", "peft"), ("lora", "peftlab")]
+    # a peer a generic loop cannot train like peftlab's (peft's AdaLoRA needs its own per-step call) is not timed
+    assert "adalora (peft): does not apply (peft's AdaLoRA allocates ranks" in (run_dir / "report.md").read_text()
+    adalora = next(r for r in rows if r["method"] == "adalora")
+    assert any("rank allocation" in n for n in adalora["notes"])
+    rows = [r for r in rows if r["method"] != "adalora"]
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
     base = json.loads((run_dir / "baseline.json").read_text())
     task = get_task("chat")
@@ -234,7 +239,8 @@ def test_generated_text_is_compared_with_the_untrained_base_model_and_peft(tmp_p
     assert base["metric"] == "rouge_l" and base["metrics"] == pytest.approx(again, rel=1e-6)
     assert all(r["data"]["base_model"] == base and r["test_predictions"] is None for r in rows)
     timings = [json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines()]
-    assert [(t["method"], t["impl"]) for t in timings] == [("full", "peftlab"), ("lora", "peftlab"), ("lora", "peft")]
+    assert [(t["method"], t["impl"]) for t in timings] == [("full", "peftlab"), ("lora", "peftlab"), ("lora", "peft"),
+                                                           ("adalora", "peftlab")]
     assert all(len(t["step_wall"]) == 2 and "b1_merged" in t["latency"] for t in timings)
     md = (run_dir / "report.md").read_text()
     assert f"| base model (no training) | - | - | {base['metrics']['rouge_l']:.4f} |" in md

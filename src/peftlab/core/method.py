@@ -101,6 +101,10 @@ class Method:
     method_name: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None
     """peft's ``peft_type`` where peft has this method (its files then load in peft)."""
+    peft_peer_untrainable: ClassVar[str] = ""
+    """Why a generic training loop cannot train peft's version of this method like peftlab's
+    (empty: it can). ``peftlab bench --vs peft`` then lists that peer as not measured, with this
+    reason, instead of timing a peer that trains something else."""
     file_prefix: ClassVar[str] = FILE_PREFIX
     """Prefix of base-model paths in file keys (peft: ``base_model.model.`` for LoRA-style
     methods, ``base_model.`` for prompt learning, whose peft model wraps the base directly)."""

@@ -601,9 +601,15 @@ def run(config: BenchConfig) -> list[dict[str, Any]]:
         raise peftlab.ConfigError(f"unknown method(s) {unknown}; known: {sorted(known)}")
     wanted = [REFERENCE, *(m for m in wanted if m != REFERENCE)]  # the 1.0 of the relative scores, run first
     skipped = {m: known[m] for m in wanted if known[m] is not None}
+
+    def peer(m: str) -> bool:
+        cls = peftlab.method_class(m)
+        if config.vs_peft and cls.peft_type and cls.peft_peer_untrainable:
+            skipped[f"{m} (peft)"] = cls.peft_peer_untrainable
+        return bool(config.vs_peft and cls.peft_type and not cls.peft_peer_untrainable)
+
     plan = [(m, impl) for m in wanted if known[m] is None
-            for impl in (("peftlab", "peft") if config.vs_peft and peftlab.method_class(m).peft_type
-                         else ("peftlab",))]
+            for impl in (("peftlab", "peft") if peer(m) else ("peftlab",))]
 
     rows = [r for r in report.read_jsonl(results_path) if "error" not in r]  # failed runs are retried
     all_rows = list(rows)

@@ -255,6 +255,10 @@ class AdaLoRA(Method):
     layers are built at their kept rank. Written by training (end_step) and read from files."""
 
     peft_type: ClassVar[str | None] = "ADALORA"
+    peft_peer_untrainable: ClassVar[str] = (
+        "peft's AdaLoRA allocates ranks only when the training loop calls its update_and_allocate after every "
+        "step (and adds its orthogonality penalty only with a task type); benchmarks/adalora_vs_peft.py "
+        "compares the two with both hooks called")
     mergeable: ClassVar[bool] = True
     suggested_lr: ClassVar[float] = 1e-3
     typical_score: ClassVar[float | None] = 1.015
