@@ -84,7 +84,7 @@ def run(model: nn.Module, kind: str, grad: bool = False) -> torch.Tensor:
 def train_step(model: nn.Module, kind: str, params: list[torch.Tensor], seed: int = 0) -> None:
     """One AdamW step on a squared-output loss (gives every factor a non-trivial value)."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=0.05)
+    opt = torch.optim.AdamW(params, lr=0.01)
     run(model, kind, grad=True).pow(2).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
