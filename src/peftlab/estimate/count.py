@@ -328,6 +328,17 @@ class _SDPA(TorchFunctionMode):
                 if isinstance(x, torch.Tensor) and isinstance(v, torch.Tensor) and self.probe.scales(x, v):
                     self.probe.on_scaled(x, v)
                     break
+        elif func in _BMMS and len(args) >= 2:
+            # ``bmm(X, W)`` with a trainable batch of square matrices ``W`` and ``X`` a view of an activation
+            # (OFT's rotation blocks on an ``(r, N, b)`` view of a layer input): the activation is
+            # kept for ``W``'s gradient, once however many products read it, at its own width.
+            x, w = args[0], args[1]
+            root = x._base if isinstance(x, torch.Tensor) and x._base is not None else x
+            if (isinstance(root, torch.Tensor) and root is not x and isinstance(w, torch.Tensor) and w.requires_grad
+                    and w.dim() == 3 and w.shape[-1] == w.shape[-2] and root.is_floating_point()
+                    and root.dim() >= 2 and id(root) not in self.probe.model_tensors
+                    and self.probe.tokens(root) >= PROBE_TOKENS):
+                self.probe.on_derived_linear(root, w)
         elif func in _MATMULS and len(args) >= 2:
             # ``x @ W`` with a trainable 2-D ``W`` (FLoRA's factors and core, LoRA on embeddings):
             # the activation ``x`` is saved for ``W``'s gradient, as with a linear layer.
@@ -345,6 +356,7 @@ class _SDPA(TorchFunctionMode):
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
 _ADDMMS = (torch.addmm, torch.Tensor.addmm)
+_BMMS = (torch.bmm, torch.Tensor.bmm)
 _MULS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 
 
