@@ -12,8 +12,9 @@ train (``b (b - 1) / 2`` per block, one row per block of the ``(r, b(b-1)/2)`` t
 
 The forward rotates the input block by block (one batched ``b x b`` product per block, no
 ``d x d`` matrix) and then calls the base layer; with an ``(r, b, b)`` batch of rotations the
-work is ``N d b`` for ``N`` tokens instead of ``N d^2``. The rotation is saved for the backward
-pass as a view of the input itself, not as a copy.
+work is ``N d b`` for ``N`` tokens instead of ``N d^2``. The backward pass keeps a view of the
+input itself (not a copy) and the blocks; the series behind the blocks is recomputed there from
+the parameter (:func:`blocks_from`) instead of keeping its powers of ``Q`` through the forward.
 
 peft's two parametrisations, reproduced exactly (so that files load both ways):
 
@@ -410,6 +411,8 @@ class OFT(Method):
     peft_type: ClassVar[str | None] = "OFT"
     mergeable: ClassVar[bool] = True
     suggested_lr: ClassVar[float] = 1e-3
+    # typical_score stays None (the recommender then relies on measured rows and the estimator):
+    # no score relative to full fine-tuning from the OFT/BOFT papers' tables is recorded here yet.
 
     def __post_init__(self) -> None:
         for field_name in ("block_size", "r"):
