@@ -21,11 +21,16 @@ alpha=8 (peft's defaults).
     PYTHONPATH=src python benchmarks/lycoris_vs_peft.py [--methods loha lokr] [--steps 8] [--batch 4] [--seq 128]
 
 Measured (benchmarks/results/loha_vs_peft.json, lokr_vs_peft.json): batch 4 x 128, 8 timed steps,
-1 thread, on a 2-core machine shared with other jobs (load average ~10), outputs equal to 2e-6:
+1 thread, on a 2-core machine shared with other jobs (load average ~5), outputs equal to 2e-6:
 
-    method  step time peftlab/peft (medians)   peak RSS growth   kept for backward
-    loha    2.80 s / 5.02 s = 0.56             210 / 303 MiB = 0.69   96 / 138 MiB = 0.70
-    lokr    2.12 s / 4.51 s = 0.47             213 / 244 MiB = 0.87   86 / 138 MiB = 0.62
+    method  step time peftlab/peft (medians)   peak RSS growth          kept for backward
+    loha    0.744 s / 1.345 s = 0.55           200 / 279 MiB = 0.72     99 / 138 MiB = 0.72
+    lokr    0.754 s / 1.259 s = 0.60           220 / 243 MiB = 0.90     86 / 138 MiB = 0.62
+
+At batch 4 x 512 (*_vs_peft_seq512.json, 4 timed steps): loha 0.65 of peft's step time, 0.92 of
+its peak and of what it keeps; lokr 0.65 of the step time and 0.87 of what it keeps, but 1.09-1.2
+of peft's peak RSS growth (three runs): the backward pass's transients of the per-position
+products (several batch x d_in tensors per layer) outweigh the d_out x d_in update peft keeps.
 """
 
 from __future__ import annotations
