@@ -42,7 +42,7 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "oft_vs_peft.json"
 
 
-def build(kind: str, model_name: str, block_size: int, layers: int = 0):
+def build(kind: str, model_name: str, block_size: int, layers: int = 0, recompute: bool = False):
     """The base model (its first ``layers`` blocks if non-zero) with OFT attached by ``kind``
     ('peftlab' or 'peft'), adapter tensors set from one seeded perturbation (identical in both)."""
     import peft
@@ -61,7 +61,7 @@ def build(kind: str, model_name: str, block_size: int, layers: int = 0):
         params = {k.replace("base_model.model.", "").replace(".default", ""): p
                   for k, p in model.named_parameters() if p.requires_grad}
     else:
-        peftlab.attach(model, "oft", block_size=block_size)
+        peftlab.attach(model, "oft", block_size=block_size, recompute=recompute)
         params = {k.replace(".default", ""): p for k, p in peftlab.adapter_parameters(model, "default").items()}
     with torch.no_grad():
         for k in sorted(params):
@@ -101,7 +101,7 @@ def batch(args) -> torch.Tensor:
 def memory_child(args) -> None:
     """In a fresh interpreter: build, adapt, then peak RSS rise over ``--mem-steps`` steps."""
     torch.set_num_threads(args.threads)
-    model, params = build(args.child, args.model, args.block_size, args.layers)
+    model, params = build(args.child, args.model, args.block_size, args.layers, args.recompute)
     opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
     x = batch(args)
     gc.collect()
@@ -129,6 +129,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--layers", type=int, default=0, help="keep the first N blocks of the model (0: all)")
+    p.add_argument("--recompute", action="store_true", help="peftlab's recompute=True")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mem-reps", type=int, default=2, help="memory subprocesses per implementation")
     p.add_argument("--mem-steps", type=int, default=2)
@@ -141,7 +142,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
 
-    variants = {kind: build(kind, args.model, args.block_size, args.layers) for kind in ("peft", "peftlab")}
+    variants = {kind: build(kind, args.model, args.block_size, args.layers, args.recompute) for kind in ("peft", "peftlab")}
     assert set(variants["peft"][1]) == set(variants["peftlab"][1]), "the two attach different layers"
     x = batch(args)
     with torch.no_grad():
@@ -164,7 +165,7 @@ def main() -> None:
         for k in names:
             cmd = [sys.executable, __file__, "--child", k, "--model", args.model, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--block-size", str(args.block_size), "--threads", str(args.threads),
-                   "--layers", str(args.layers),
+                   "--layers", str(args.layers), *(["--recompute"] if args.recompute else []),
                    "--mem-steps", str(args.mem_steps)]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
@@ -176,7 +177,7 @@ def main() -> None:
         "model": args.model, "batch": args.batch, "seq": args.seq, "block_size": args.block_size,
         "targets": "all-linear", "threads": args.threads, "steps": args.steps,
         "max_abs_output_difference": diff,
-        "layers": args.layers or "all",
+        "layers": args.layers or "all", "recompute": args.recompute,
         "saved_for_backward_mib": saved,
         "saved_for_backward_peftlab_over_peft": saved["peftlab"] / saved["peft"],
         "median_step_s": med, "min_max_step_s": {k: (min(v), max(v)) for k, v in times.items()},

@@ -424,3 +424,19 @@ def test_oft_trains():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_recompute_gives_the_same_outputs_and_gradients():
+    grads = {}
+    for recompute in (False, True):
+        model = tiny_llama()
+        peftlab.attach(model, "oft", block_size=8, target_modules=["q_proj", "down_proj"], recompute=recompute)
+        perturb(peftlab.adapter_parameters(model, "default"), scale=0.1)
+        model.train()
+        out = model(input_ids=X).logits
+        out.pow(2).mean().backward()
+        grads[recompute] = (out.detach(), {k: p.grad for k, p in peftlab.adapter_parameters(model, "default").items()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)
+    for k, g in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][k], g, atol=1e-6, rtol=1e-5)
+    assert "recompute" not in OFT(recompute=True).to_config()  # peftlab only: peft's config stays peft's
