@@ -18,12 +18,12 @@ reported: the bytes autograd keeps for the backward pass of one forward (determi
     PYTHONPATH=src python benchmarks/oft_vs_peft.py [--model smollm2-135m] [--layers 0] [--steps 6] [--batch 4]
 
 Measured (SmolLM2-135M, first 10 blocks, batch 4 x 64, 2 threads; results/oft_vs_peft*.json):
-default: step time 0.99 of peft's (median 0.508 s vs 0.512 s), peak RSS rise 0.9997 (519.3 vs 519.4
-MiB), kept for backward 0.997; ``--recompute``: peak 0.968 (503 vs 520 MiB), kept for backward
-0.89, step time 1.03. Outputs agree to 8e-5 on logits (the series' summation order differs).
+default (``recompute=True``): peak RSS rise 0.968 of peft's (503 vs 520 MiB), kept for backward
+0.89, step time 1.03 (median 0.611 vs 0.591 s; 1.01 in a three-way A/B run); ``--no-recompute``:
+step time 0.99 (median 0.508 vs 0.512 s), peak 0.9997 (519.3 vs 519.4 MiB), kept for backward 0.997. Outputs agree to 8e-5 on logits (the series' summation order differs).
 
 Where peftlab differs (src/peftlab/methods/oft.py): the series is evaluated by Horner's rule in
-``Q^2`` (2 batched ``b x b`` products per layer instead of 3); with ``recompute=True`` in a function
+``Q^2`` (2 batched ``b x b`` products per layer instead of 3); with ``recompute=True`` (default) in a function
 whose backward recomputes it from the parameter, so no ``(r, b, b)`` powers of ``Q`` stay alive per
 layer through the forward pass (peft keeps ``Q``, ``Q^2``, ``Q^3``); the input rotation keeps a
 view of the input, as peft's einsum does.
@@ -47,7 +47,7 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "oft_vs_peft.json"
 
 
-def build(kind: str, model_name: str, block_size: int, layers: int = 0, recompute: bool = False):
+def build(kind: str, model_name: str, block_size: int, layers: int = 0, recompute: bool = True):
     """The base model (its first ``layers`` blocks if non-zero) with OFT attached by ``kind``
     ('peftlab' or 'peft'), adapter tensors set from one seeded perturbation (identical in both)."""
     import peft
@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--layers", type=int, default=0, help="keep the first N blocks of the model (0: all)")
-    p.add_argument("--recompute", action="store_true", help="peftlab's recompute=True")
+    p.add_argument("--no-recompute", dest="recompute", action="store_false", help="peftlab's recompute=False")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mem-reps", type=int, default=2, help="memory subprocesses per implementation")
     p.add_argument("--mem-steps", type=int, default=2)
@@ -170,7 +170,7 @@ def main() -> None:
         for k in names:
             cmd = [sys.executable, __file__, "--child", k, "--model", args.model, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--block-size", str(args.block_size), "--threads", str(args.threads),
-                   "--layers", str(args.layers), *(["--recompute"] if args.recompute else []),
+                   "--layers", str(args.layers), *([] if args.recompute else ["--no-recompute"]),
                    "--mem-steps", str(args.mem_steps)]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
