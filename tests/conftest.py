@@ -119,12 +119,6 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
         "tiny-bert": {"r": 4, "init": "lycoris", "target_modules": ["query", "value", "intermediate.dense"],
                       "modules_to_save": ["classifier"]},
     },
-    "oft": {  # peft's OFT adapts no Conv1D: GPT-2's untied position embedding is its one layer there
-        "tiny-llama": {"block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "tiny-bert": {"r": 4, "block_size": 0, "target_modules": ["query", "value", "word_embeddings"],
-                      "bias": "oft_only", "modules_to_save": ["classifier"]},
-        "tiny-gpt2": {"block_size": 4, "target_modules": ["wpe"], "cayley_neumann": False, "block_share": True},
-    },
     "full": {  # every base tensor trains in place (trains_base_weights), the trainer's AdamW
         "tiny-llama": {},
         "tiny-bert": {"modules_to_save": ["classifier"]},
