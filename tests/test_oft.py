@@ -440,3 +440,20 @@ def test_recompute_gives_the_same_outputs_and_gradients():
     for k, g in grads[False][1].items():
         torch.testing.assert_close(grads[True][1][k], g, atol=1e-6, rtol=1e-5)
     assert "recompute" not in OFT(recompute=True).to_config()  # peftlab only: peft's config stays peft's
+
+
+def test_trains_after_a_forward_under_inference_mode():
+    """The bench measures latency under torch.inference_mode before timing training steps: nothing
+    cached by that forward may be an inference tensor that autograd later refuses."""
+    from peftlab.methods import oft as oft_module
+    from tests.conftest import tiny_llama
+
+    oft_module._TRIU.clear()
+    model = tiny_llama()
+    peftlab.attach(model, "oft", block_size=8, target_modules=["q_proj"])
+    x = torch.randint(3, 120, (2, 5))
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in peftlab.adapter_parameters(model, "default").values())

@@ -93,8 +93,9 @@ def _upper(b: int, device: torch.device) -> torch.Tensor:
     """Flat positions ``i * b + j`` (``i < j``, row-major: peft's ``triu_indices`` order) of a ``b x b`` block."""
     key = (b, str(device))
     if key not in _TRIU:
-        rows, cols = torch.triu_indices(b, b, 1, device=device)
-        _TRIU[key] = rows * b + cols
+        with torch.inference_mode(False):  # a cached tensor made under inference_mode could not enter autograd later
+            rows, cols = torch.triu_indices(b, b, 1, device=device)
+            _TRIU[key] = rows * b + cols
     return _TRIU[key]
 
 
