@@ -33,6 +33,17 @@ from peftlab.core.layer import AdapterLayer
 ALL_LINEAR = "all-linear"
 
 
+def peft_targets(value: object) -> tuple[str, ...]:
+    """peftlab target entries for a peft ``target_modules`` / ``exclude_modules`` value: a list is
+    names (peft's suffix rule, as here), a string a regular expression full-matched against the
+    path (``re:``), except ``'all-linear'``; None is no entry."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value == ALL_LINEAR else (f"re:{value}",)
+    return tuple(value)  # type: ignore[arg-type]
+
+
 def parse_layers(spec: str | int | Iterable[int | str] | None) -> frozenset[int] | None:
     """``"0-3,7"`` / ``[0, 1, "4-5"]`` / ``3`` -> a set of layer indices (None: all layers)."""
     if spec is None:

@@ -30,7 +30,7 @@ from torch import nn
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method
-from peftlab.core.targets import ALL_LINEAR, select
+from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.methods.lora import check_patterns, pattern_value
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -297,13 +297,6 @@ class LycorisMethod(Method):
             raise ConfigError(f"this peft {cls.peft_type} config names no target_modules (peft writes the modules "
                               "it adapted when it saves); add them to the config")
 
-        def entries(v: Any) -> tuple[str, ...]:
-            if v is None:
-                return ()
-            if isinstance(v, str):  # peft: a string is a regex, full-matched; 'all-linear' is special
-                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
-            return tuple(v)
-
         layers = config.get("layers_to_transform")
         options: dict[str, Any] = {
             "r": config.get("r", 8),
@@ -311,8 +304,8 @@ class LycorisMethod(Method):
             "rank_dropout": config.get("rank_dropout", 0.0),
             "module_dropout": config.get("module_dropout", 0.0),
             "use_effective_conv2d": config.get("use_effective_conv2d", False),
-            "target_modules": entries(targets),
-            "exclude_modules": entries(config.get("exclude_modules")),
+            "target_modules": peft_targets(targets),
+            "exclude_modules": peft_targets(config.get("exclude_modules")),
             "layers": tuple(layers) if isinstance(layers, list) else (layers,) if layers is not None else None,
             "rank_pattern": dict(config.get("rank_pattern") or {}),
             "alpha_pattern": dict(config.get("alpha_pattern") or {}),

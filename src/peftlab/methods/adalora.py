@@ -52,7 +52,7 @@ from peftlab.core import slots
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
-from peftlab.core.targets import ALL_LINEAR, select
+from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.methods.lora import check_rank
 
 __all__ = ["AdaLoRA", "AdaLoRALayer", "budget_schedule"]
@@ -509,13 +509,6 @@ class AdaLoRA(Method):
             raise ConfigError(f"this peft AdaLoRA config has init_lora_weights={init!r}; peftlab's AdaLoRA reads "
                               "true or false only; it was not loaded")
 
-        def entries(v: Any) -> tuple[str, ...]:
-            if v is None:
-                return ()
-            if isinstance(v, str):  # peft: a string is a regex, full-matched; 'all-linear' is special
-                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
-            return tuple(v)
-
         layers = config.get("layers_to_transform")
         pattern = config.get("rank_pattern")
         return cls(
@@ -525,8 +518,8 @@ class AdaLoRA(Method):
             beta1=config.get("beta1", 0.85), beta2=config.get("beta2", 0.85),
             orth_reg_weight=config.get("orth_reg_weight", 0.5), alpha=config.get("lora_alpha", 8),
             dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules=entries(config.get("target_modules")) or (ALL_LINEAR,),
-            exclude_modules=entries(config.get("exclude_modules")),
+            target_modules=peft_targets(config.get("target_modules")) or (ALL_LINEAR,),
+            exclude_modules=peft_targets(config.get("exclude_modules")),
             layers=None if layers is None else tuple(layers) if isinstance(layers, list) else (layers,),
             init="default" if init else "random",
             rank_pattern=None if pattern is None else {k: tuple(v) for k, v in pattern.items()},

@@ -28,7 +28,7 @@ from torch import nn
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import FILE_PREFIX, Method, register
-from peftlab.core.targets import ALL_LINEAR
+from peftlab.core.targets import ALL_LINEAR, peft_targets
 from peftlab.methods._lowrank import (LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, LowRank,
                                       adapter_dtype, attach_layers, check_patterns, check_rank, dims, init_factors,
                                       layer_kind, pattern_value, select_layers)
@@ -434,13 +434,6 @@ class LoRA(Method):
             raise ConfigError(f"this peft LoRA config has init_lora_weights={init!r}, which peftlab does not "
                               f"implement; it was not loaded.{reason}")
 
-        def entries(v: Any) -> tuple[str, ...]:
-            if v is None:
-                return ()
-            if isinstance(v, str):  # peft: a string is a regex, full-matched; 'all-linear' is special
-                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
-            return tuple(v)
-
         targets = config.get("target_modules")
         layers = config.get("layers_to_transform")
         if isinstance(targets, str) and layers not in (None, []):
@@ -454,9 +447,9 @@ class LoRA(Method):
             r=int(config.get("r", 8)),
             alpha=config.get("lora_alpha", 8),
             dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules=entries(config.get("target_modules")) or (() if config.get("target_parameters")
+            target_modules=peft_targets(config.get("target_modules")) or (() if config.get("target_parameters")
                                                                      else (ALL_LINEAR,)),
-            exclude_modules=entries(config.get("exclude_modules")),
+            exclude_modules=peft_targets(config.get("exclude_modules")),
             layers=tuple(layers) if isinstance(layers, list) else (layers,) if layers is not None else None,
             layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern) if layers is not None else (),
             rslora=bool(config.get("use_rslora", False)),

@@ -59,7 +59,7 @@ from peftlab.core import slots
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import FILE_PREFIX, Method, register
-from peftlab.core.targets import ALL_LINEAR, select
+from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.core.transaction import on_undo
 
 __all__ = ["OFT", "adjust_blocks", "cayley", "rotate", "skew"]
@@ -566,20 +566,13 @@ class OFT(Method):
                               "that series, and peftlab implements the new one only, so it was not loaded (its "
                               "outputs would differ); retrain with peft >= 0.18 or peftlab")
 
-        def entries(v: Any) -> tuple[str, ...]:
-            if v is None:
-                return ()
-            if isinstance(v, str):  # peft: a string is a regex, full-matched; 'all-linear' is special
-                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
-            return tuple(v)
-
         layers = config.get("layers_to_transform")
         pattern = config.get("layers_pattern")
         return cls(
             block_size=config.get("oft_block_size", 32),
             r=config.get("r", 0),
-            target_modules=entries(config.get("target_modules")) or (ALL_LINEAR,),
-            exclude_modules=entries(config.get("exclude_modules")),
+            target_modules=peft_targets(config.get("target_modules")) or (ALL_LINEAR,),
+            exclude_modules=peft_targets(config.get("exclude_modules")),
             layers=tuple(layers) if isinstance(layers, list) else (layers,) if layers is not None else None,
             layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern or ()),
             module_dropout=float(config.get("module_dropout", 0.0)),

@@ -42,7 +42,7 @@ from peftlab.core import slots
 from peftlab.core.errors import ConfigError, TargetError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import FILE_PREFIX, Method, register
-from peftlab.core.targets import ALL_LINEAR, select
+from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 
 __all__ = ["VeRA", "VeRALayer", "VeRAProjection", "projection_matrices"]
 
@@ -329,18 +329,11 @@ class VeRA(Method):
             raise ConfigError(f"this peft VeRA config uses options peftlab's VeRA does not implement: {unknown}; "
                               "it was not loaded (its outputs would differ from peft's)")
 
-        def entries(v: Any) -> tuple[str, ...]:
-            if v is None:
-                return ()
-            if isinstance(v, str):  # peft: a string is a regular expression, full-matched; 'all-linear' is special
-                return (v,) if v == ALL_LINEAR else (f"re:{v}",)
-            return tuple(v)
-
         layers = config.get("layers_to_transform")
         pattern = config.get("layers_pattern")
         return cls(
             r=config.get("r", 256),
-            target_modules=entries(config.get("target_modules")) or (ALL_LINEAR,),
+            target_modules=peft_targets(config.get("target_modules")) or (ALL_LINEAR,),
             layers=None if layers is None else tuple(layers) if isinstance(layers, list) else (layers,),
             layers_pattern=() if not pattern else (pattern,) if isinstance(pattern, str) else tuple(pattern),
             projection_prng_key=config.get("projection_prng_key", 0),
