@@ -129,6 +129,24 @@ def train_base_tensors(model: nn.Module, name: str, keys: list[str], *, keep_ori
     s.own = {k: reg.originals[k].clone() for k in keys} if live & set(keys) else None  # type: ignore[union-attr]
 
 
+def bias_mode_keys(model: nn.Module, paths: list[str], mode: str, what: str,
+                   containers: tuple[str, ...]) -> list[str]:
+    """``state_dict`` keys of the biases peft's ``bias`` option trains: ``'none'`` none, ``'all'``
+    every bias of the model outside the adapter ``containers`` and module copies, ``'<x>_only'``
+    those of the adapted ``paths``. A mode that finds no bias is an error naming the fix."""
+    if mode == "none":
+        return []
+    if mode.endswith("_only"):
+        keys = [f"{p}.bias" for p in paths if getattr(model.get_submodule(p), "bias", None) is not None]
+    else:
+        keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
+                and not any(c in k.split(".") for c in (*containers, "peftlab_copy"))]
+    if not keys:
+        where = "adapted layers" if mode.endswith("_only") else "model"
+        raise ConfigError(f"{what}: bias={mode!r} but the {where} have no bias; use bias='none'")
+    return keys
+
+
 def swap_out_base(model: nn.Module, s: Slot) -> None:
     """Put the original values back in the model, keeping the adapter's aside."""
     if not s.base_keys or not s.in_model:

@@ -332,17 +332,7 @@ class LoRA(Method):
             slots.train_base_tensors(model, name, bias_keys)
 
     def _bias_keys(self, model: nn.Module, paths: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        if self.bias == "lora_only":
-            keys = [f"{p}.bias" for p in paths if getattr(model.get_submodule(p), "bias", None) is not None]
-        else:
-            keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
-                    and not any(c in k.split(".") for c in ("lora_A", "lora_B", "peftlab_copy"))]
-        if not keys:
-            raise ConfigError(f"lora: bias={self.bias!r} but the {'adapted layers' if self.bias == 'lora_only' else 'model'}"
-                              " have no bias; use bias='none'")
-        return keys
+        return slots.bias_mode_keys(model, paths, self.bias, "lora", ("lora_A", "lora_B"))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         path = key.rpartition(".")[0]

@@ -496,17 +496,7 @@ class OFT(Method):
             slots.train_base_tensors(model, name, bias_keys)
 
     def _bias_keys(self, model: nn.Module, paths: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        if self.bias == "oft_only":
-            keys = [f"{p}.bias" for p in paths if getattr(model.get_submodule(p), "bias", None) is not None]
-        else:
-            keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
-                    and not any(c in k.split(".") for c in ("oft_R", "oft_embedding_R", "peftlab_copy"))]
-        if not keys:
-            raise ConfigError(f"oft: bias={self.bias!r} but the {'adapted layers' if self.bias == 'oft_only' else 'model'}"
-                              " have no bias; use bias='none'")
-        return keys
+        return slots.bias_mode_keys(model, paths, self.bias, "oft", ("oft_R", "oft_embedding_R"))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         path = key.rpartition(".")[0]

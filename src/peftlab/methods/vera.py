@@ -262,17 +262,7 @@ class VeRA(Method):
             slots.train_base_tensors(model, name, bias_keys)
 
     def _bias_keys(self, model: nn.Module, paths: list[str]) -> list[str]:
-        if self.bias == "none":
-            return []
-        if self.bias == "vera_only":
-            keys = [f"{p}.bias" for p in paths if getattr(model.get_submodule(p), "bias", None) is not None]
-        else:
-            keys = [k for k, _ in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias"
-                    and not any(c in k.split(".") for c in (*VeRALayer.adapter_containers, "peftlab_copy"))]
-        if not keys:
-            where = "adapted layers" if self.bias == "vera_only" else "model"
-            raise ConfigError(f"vera: bias={self.bias!r} but the {where} have no bias; use bias='none'")
-        return keys
+        return slots.bias_mode_keys(model, paths, self.bias, "vera", VeRALayer.adapter_containers)
 
     def projection(self, model: nn.Module, name: str) -> tuple[str, VeRAProjection]:
         """``(state path, module)`` of adapter ``name``'s shared matrices."""
