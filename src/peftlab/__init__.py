@@ -25,6 +25,7 @@ from peftlab.api import (
     disabled,
     merge,
     merge_and_unload,
+    per_row,
     unmerge,
     use,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "merge_and_unload",
     "method_class",
     "methods",
+    "per_row",
     "register",
     "save",
     "summary",

@@ -12,13 +12,13 @@ it can first, then makes its changes inside ``transaction(model)``, so on any er
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftlab.core import slots
+from peftlab.core import routing, slots
 from peftlab.core.errors import AdapterStateError, ConfigError, NonFiniteError
 from peftlab.core.layer import AdapterLayer, MergeableLayer, adapter_layers
 from peftlab.core.method import Method, get_method
@@ -171,6 +171,80 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             for layer, names in remerge:
                 for n in names:
                     layer.merge_adapter(n)
+
+
+@contextlib.contextmanager
+def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within this block row ``i`` of every batch is computed with adapter ``names[i]`` (``None``
+    or ``"__base__"``: the base model), for inference (``torch.inference_mode()``/``no_grad``;
+    ``generate()`` works inside the block).
+
+    Each adapted layer computes the updates of all the batch's adapters together in batched
+    matrix products over per-adapter tiles of rows (``core.routing``), not a forward pass per
+    adapter. A tensor with ``k`` times as many rows (``generate`` with ``num_beams`` or
+    ``num_return_sequences``) maps its row ``j`` to ``names[j // k]``.
+
+    The active set does not matter inside the block (every adapter not named is off). Refused
+    with the reason, and nothing changed: the model in training mode, a merged adapter, an
+    adapter that trains base tensors in place (LoRA's ``bias``, BitFit) or changes the input
+    sequence (prompt methods), and layers without a per-row form (LoRA on embeddings or
+    convolutions, AdapterFusion); ``modules_to_save`` copies run on their own rows.
+
+    Example:
+        >>> with torch.inference_mode(), peftlab.per_row(model, ["math", "code", None]):
+        ...     logits = model(**batch).logits
+    """
+    reg = registry(model)
+    if isinstance(names, str) or not len(names):
+        raise ConfigError("per_row takes one adapter name (or None for the base model) per batch row, as a list")
+    rows = tuple(None if n in routing.BASE_ROW_NAMES else n for n in names)
+    unknown = sorted({n for n in rows if n is not None and n not in reg.adapters}, key=str)
+    if unknown:
+        raise AdapterStateError(f"no adapter named {unknown}; adapters on this model: {sorted(reg.adapters)}")
+    if reg.routing is not None:
+        raise AdapterStateError("a per_row block is already open on this model; close it before opening another")
+    if model.training:
+        raise AdapterStateError("mixed-adapter batches are for inference: call model.eval() first (dropout "
+                                "would make rows differ from running them alone)")
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = sorted({n for layer in layers for n in getattr(layer, "peftlab_merged", ())})
+    if merged:
+        raise AdapterStateError(f"adapters {merged} are merged into the base weights, which every row would see; "
+                                "peftlab.unmerge(model) first")
+    for n, s in reg.adapters.items():
+        if s.base_keys and (n in rows or s.in_model):
+            raise AdapterStateError(
+                f"adapter {n!r} ({s.method.method_name}) trains base tensors in place ({list(s.base_keys)[:3]}...), "
+                "which one batch cannot hold per row; " + ("deactivate it (peftlab.use) first" if n not in rows else
+                "serve it alone, or export it with its biases folded into the base (peftlab export --for vllm)"))
+    routed = set(rows) - {None}
+    for n in sorted(routed):
+        if reg.adapters[n].hooks:
+            raise AdapterStateError(f"adapter {n!r} ({reg.adapters[n].method.method_name}) changes the input "
+                                    "sequence, which differs per adapter; serve it in batches of its own")
+    for path, layer in adapter_layers(model):
+        for n in sorted(routed & set(layer.adapter_names())):
+            why = routing.refusal(layer, n)
+            if why is not None:
+                raise AdapterStateError(f"adapter {n!r} cannot serve a mixed-adapter batch at {path}: {why}; "
+                                        "serve it in batches of its own")
+    plan = routing.Routing(rows)
+    before = [(layer, layer.peftlab_disabled) for layer in layers]
+    was_disabled = reg.disabled
+    reg.routing = plan
+    try:
+        for layer in layers:
+            layer.peftlab_disabled = True  # what is not routed is off
+            if routed & set(layer.adapter_names()):
+                layer.__dict__["peftlab_routing"] = plan
+        reg.disabled = True
+        yield model
+    finally:
+        for layer, flag in before:
+            layer.peftlab_disabled = flag
+            layer.__dict__.pop("peftlab_routing", None)
+        reg.disabled = was_disabled
+        reg.routing = None
 
 
 def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True) -> None:

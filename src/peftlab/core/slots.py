@@ -58,6 +58,8 @@ class Registry:
     """Base values of tensors that adapters train in place (None: no copy kept)."""
     disabled: bool = False
     """True inside ``peftlab.disabled``: hooks installed by adapters must then pass inputs through."""
+    routing: Any = None
+    """The open ``peftlab.per_row`` block's :class:`peftlab.core.routing.Routing` (None: none)."""
 
 
 def registry(model: nn.Module, create: bool = False) -> Registry:
@@ -200,10 +202,30 @@ class CopyLayer(AdapterLayer):
     adapter_containers = ("peftlab_copy",)
 
     def forward(self, *args, **kwargs):  # type: ignore[override]
+        routing = self.__dict__.get("peftlab_routing")
+        if routing is not None:
+            return self.routed_forward(routing, *args, **kwargs)
         for n in self.live_adapters():
             if n in self.peftlab_copy:
                 return self.peftlab_copy[n](*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+    def route_refusal(self, name: str) -> str | None:
+        return None
+
+    def routed_forward(self, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed-adapter batch: each adapter's copy runs on its own rows (a copy is a whole
+        module, so there is nothing to stack), the base module on the rest."""
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            raise AdapterStateError(f"modules_to_save copy of {type(self).base_class.__name__} got other arguments "
+                                    "than one tensor; per-row routing splits only a tensor's rows")
+        x = args[0]
+        out = super().forward(x)
+        for n, rows in routing.rows_of(x.shape[0]).items():
+            if n in self.peftlab_copy:
+                idx = torch.tensor(rows, device=x.device)
+                out = out.index_copy(0, idx, self.peftlab_copy[n](x.index_select(0, idx)).to(out.dtype))
+        return out
 
     def live_adapters(self) -> list[str]:
         return [] if self.peftlab_disabled else list(self.peftlab_active)

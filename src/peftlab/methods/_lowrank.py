@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,65 @@ class LowRank:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+@dataclass(frozen=True, eq=False)
+class LowRankForm:
+    """An update ``B diag(s) A x`` for a mixed-adapter batch (``peftlab.core.routing``), optionally
+    DoRA's rescaled output ``m/||W + sBA|| (out - bias + s B A x) + bias``.
+
+    ``scale`` is a number or an ``r``-vector multiplying the r-wide intermediate (AdaLoRA's
+    ``E`` times its scale, VeRA's ``lambda_d``); every adapter whose update is such a map
+    (LoRA, DyLoRA, QLoRA, AdaLoRA, VeRA, LoHa's Khatri-Rao form) serves mixed batches through it.
+    Stacked, ranks are padded with zeros to the largest (exact: a zero column adds nothing)."""
+
+    a: torch.Tensor
+    """``(r, d_in)``"""
+    b: torch.Tensor
+    """``(d_out, r)``"""
+    scale: float | torch.Tensor
+    magnitude: torch.Tensor | None = None
+    """DoRA: ``m / ||W + s B A||`` per output row (None: plain)."""
+    bias: torch.Tensor | None = None
+    """DoRA: the base bias, which the rescale leaves out."""
+
+    @property
+    def key(self) -> Hashable:
+        return self.a.dtype, self.a.device
+
+    @classmethod
+    def stack(cls, forms: Sequence[LowRankForm]) -> tuple[torch.Tensor, ...]:
+        f0 = forms[0]
+        g, rank = len(forms), max(f.a.shape[0] for f in forms)
+        kw = {"dtype": f0.a.dtype, "device": f0.a.device}
+        a = torch.zeros(g, f0.a.shape[1], rank, **kw)
+        b = torch.zeros(g, rank, f0.b.shape[0], **kw)
+        s = torch.zeros(g, 1, rank, **kw)
+        for i, f in enumerate(forms):
+            r = f.a.shape[0]
+            a[i, :, :r] = f.a.T
+            b[i, :r] = f.b.T
+            s[i, 0, :r] = f.scale if isinstance(f.scale, float) else f.scale.reshape(-1)
+        if all(f.magnitude is None for f in forms):
+            return a, b, s
+        m = torch.stack([f.magnitude.to(a.dtype) if f.magnitude is not None
+                         else torch.ones(f0.b.shape[0], **kw) for f in forms])[:, None]
+        bias = next((f.bias for f in forms if f.bias is not None), None)
+        return a, b, s, m, bias.to(a.dtype) if bias is not None else torch.zeros((), **kw)
+
+    @classmethod
+    def apply(cls, stacked: tuple[torch.Tensor, ...], gather: Callable[[torch.Tensor], torch.Tensor],
+              inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        a, b, s = stacked[:3]
+        x = inputs["x"]
+        assert x is not None
+        y = torch.bmm(torch.bmm(gather(x).to(a.dtype), a) * s, b)
+        if len(stacked) == 3:
+            return y
+        m, bias = stacked[3:]
+        out = inputs["out"]
+        assert out is not None
+        return (m - 1) * (gather(out).to(y.dtype) - bias) + m * y
+
+
 class LoRALayer(MergeableLayer):
     """The forward pass and the state shared by the LoRA layer kinds."""
 
@@ -99,9 +158,20 @@ class LoRALayer(MergeableLayer):
     # ------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
+        routing = self.__dict__.get("peftlab_routing")
+        if routing is not None:
+            return routing.apply(self, out, x=x)
         for name in self.live_adapters():
             out = self.apply_adapter(name, x, out)
         return out
+
+    # ------------------------------------------------------------------------- mixed batches
+    def route_refusal(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot serve a mixed-adapter batch here (None: it can)."""
+        return f"LoRA on {self.base_class.__name__} has no per-row form (only linear layers have)"
+
+    def routed_form(self, name: str) -> LowRankForm | None:
+        raise NotImplementedError
 
     def apply_adapter(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The output with adapter ``name`` applied to ``out`` (the output so far)."""
@@ -155,6 +225,18 @@ class LoRALinearLayer(LoRALayer):
 
     def lora_output(self, name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
         return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a) * s, b)
+
+    def route_refusal(self, name: str) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def routed_form(self, name: str) -> LowRankForm:
+        a, b, s = self.factors(name)
+        if name not in self.lora_magnitude_vector:
+            return LowRankForm(a, b, float(s))
+        lora_dtype = a.dtype
+        magnitude = (self.lora_magnitude_vector[name] / self.dora_norm(name).to(lora_dtype)).to(lora_dtype)
+        return LowRankForm(a, b, float(s), magnitude, self.bias)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         merged = self.__dict__.get("peftlab_dora_merged", {})

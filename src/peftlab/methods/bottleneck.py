@@ -36,7 +36,7 @@ Adapters are not mergeable: the non-linearity keeps them out of the base weights
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -308,6 +308,65 @@ class RobustDrop:
         self.k = int(torch.randint(0, self.n_blocks, ()).item())
 
 
+@dataclass(frozen=True, eq=False)
+class MLPForm:
+    """A bottleneck adapter's update ``s * (up(f(down(LN(src)))))`` for a mixed-adapter batch
+    (``peftlab.core.routing``): ``src`` is the sublayer output, or its input for the parallel
+    form. Stacked, widths are padded with zeros to the largest (exact: ``f(0) = 0`` for every
+    activation offered, and the padded columns of ``up`` are zero)."""
+
+    down_w: torch.Tensor
+    """``(m, d)``"""
+    down_b: torch.Tensor
+    up_w: torch.Tensor
+    """``(d, m)``"""
+    up_b: torch.Tensor
+    act: nn.Module
+    scaling: float
+    parallel: bool
+    norm: nn.LayerNorm | None = None
+
+    @property
+    def key(self) -> Hashable:
+        norm = None if self.norm is None else (self.norm.eps, self.norm.weight is not None)
+        return repr(self.act), self.parallel, norm, self.down_w.dtype
+
+    @classmethod
+    def stack(cls, forms: Sequence[MLPForm]) -> dict[str, Any]:
+        f0 = forms[0]
+        g, m, d = len(forms), max(f.down_w.shape[0] for f in forms), f0.down_w.shape[1]
+        kw = {"dtype": f0.down_w.dtype, "device": f0.down_w.device}
+        st: dict[str, Any] = {"down": torch.zeros(g, d, m, **kw), "down_b": torch.zeros(g, 1, m, **kw),
+                              "up": torch.zeros(g, m, d, **kw), "up_b": torch.zeros(g, 1, d, **kw),
+                              "s": torch.tensor([f.scaling for f in forms], **kw).view(g, 1, 1),
+                              "act": f0.act, "parallel": f0.parallel, "norm": None}
+        for i, f in enumerate(forms):
+            w = f.down_w.shape[0]
+            st["down"][i, :, :w] = f.down_w.T
+            st["down_b"][i, 0, :w] = f.down_b
+            st["up"][i, :w] = f.up_w.T
+            st["up_b"][i, 0] = f.up_b
+        if f0.norm is not None:
+            st["norm"] = (f0.norm.normalized_shape, f0.norm.eps,
+                          torch.stack([f.norm.weight for f in forms])[:, None] if f0.norm.weight is not None else None,
+                          torch.stack([f.norm.bias for f in forms])[:, None] if f0.norm.bias is not None else None)
+        return st
+
+    @classmethod
+    def apply(cls, st: dict[str, Any], gather: Callable[[torch.Tensor], torch.Tensor],
+              inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        src = inputs["x_in"] if st["parallel"] else inputs["out"]
+        assert src is not None
+        z = gather(src).to(st["down"].dtype)
+        if st["norm"] is not None:
+            shape, eps, w, b = st["norm"]
+            z = nn.functional.layer_norm(z, shape, None, None, eps)
+            z = z * w if w is not None else z
+            z = z + b if b is not None else z
+        h = st["act"](torch.baddbmm(st["down_b"], z, st["down"]))
+        return torch.baddbmm(st["up_b"], h, st["up"]) * st["s"]
+
+
 class SiteAdapter(nn.Module):
     """One adapter at one site: ``forward(h, x_in)`` returns the new sublayer output."""
 
@@ -318,6 +377,10 @@ class SiteAdapter(nn.Module):
 
     def delta(self, src: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def routed_form(self) -> MLPForm | None:
+        """This adapter as an :class:`MLPForm` (mixed-adapter batches); None: it has no such form."""
+        return None
 
     def forward(self, h: torch.Tensor, x_in: torch.Tensor | None) -> torch.Tensor:
         src = x_in if self.parallel else h
@@ -348,6 +411,10 @@ class Bottleneck(SiteAdapter):
         if self.norm is not None:
             z = self.norm(z)
         return self.up(self.act(self.down(z))) * self.scaling
+
+    def routed_form(self) -> MLPForm:
+        return MLPForm(self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.act, float(self.scaling),
+                       self.parallel, self.norm)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -381,10 +448,25 @@ class BottleneckLayer(AdapterLayer):
                 out.append(n)
         return out
 
+    def route_refusal(self, name: str) -> str | None:
+        form = getattr(self.adapters[name], "routed_form", None)
+        if form is None or form() is None:
+            return f"{type(self.adapters[name]).__name__} has no per-row form"
+        return None
+
+    def routed_form(self, name: str) -> MLPForm | None:
+        """Adapter ``name``'s form here, or None where AdapterDrop removes it from this block."""
+        if self.__dict__.get("peftlab_block", 0) < self.__dict__.get("peftlab_drop", 0):
+            return None
+        return self.adapters[name].routed_form()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
         tap = self.__dict__.get("peftlab_tap")
         x_in = tap.take() if tap is not None else None
+        routing = self.__dict__.get("peftlab_routing")
+        if routing is not None:
+            return routing.apply(self, out, x_in=x_in)
         live = self.live_adapters()
         rows = self.__dict__.get("peftlab_rows")
         if rows is not None and live:  # parallel multi-task inference: row chunk i belongs to task rows[i]
@@ -410,8 +492,11 @@ class InputTap(AdapterLayer):
     def take(self) -> torch.Tensor | None:
         return self.__dict__.pop("peftlab_x", None)
 
+    def route_refusal(self, name: str) -> str | None:
+        return None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        if self.live_adapters():
+        if self.live_adapters() or "peftlab_routing" in self.__dict__:
             self.__dict__["peftlab_x"] = args[0] if args else kwargs["hidden_states"]
         return super().forward(*args, **kwargs)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.method import register
-from peftlab.methods.bottleneck import ACTIVATIONS, AdapterMethod, SiteAdapter, adapter_dtype
+from peftlab.methods.bottleneck import ACTIVATIONS, AdapterMethod, MLPForm, SiteAdapter, adapter_dtype
 
 
 class PHMLinear(nn.Module):
@@ -76,6 +76,13 @@ class CompacterAdapter(SiteAdapter):
 
     def shared_rule(self) -> torch.Tensor:
         return self.rule if "rule" in self._parameters else self.__dict__["rule_owner"].rule
+
+    def routed_form(self) -> MLPForm:
+        """The PHM projections as the dense matrices they compute (the rule is shared, so they
+        are formed once per mixed-adapter batch)."""
+        rule = self.shared_rule()
+        return MLPForm(self.down.weight(rule), self.down.bias, self.up.weight(rule), self.up.bias, self.act,
+                       float(self.scaling), self.parallel, self.norm)
 
     def delta(self, src: torch.Tensor) -> torch.Tensor:
         rule = self.shared_rule()
