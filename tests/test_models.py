@@ -262,6 +262,23 @@ def test_failed_conversion_leaves_no_cache(
     assert list(cache_root.iterdir()) == []  # no half-written temp folder either
 
 
+def test_first_conversion_inside_a_meta_device_block_runs_on_real_tensors(
+    cache_root: Path, fake_gguf: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench's first load of a fresh machine happens inside ``torch.device("meta")``;
+    transformers refuses from_pretrained there, so the conversion must leave that block."""
+    seen: list[torch.device] = []
+
+    def convert(gguf_dir: Path, dest: Path) -> None:
+        seen.append(torch.get_default_device())
+        _fake_converter([])(gguf_dir, dest)
+
+    monkeypatch.setattr(models, "_convert_smollm2", convert)
+    with torch.device("meta"):
+        models._ensure_smollm2_cache()
+    assert seen == [torch.device("cpu")]
+
+
 def test_conversion_runs_once_then_cache_is_reused(
     cache_root: Path, fake_gguf: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -256,7 +256,10 @@ def _ensure_smollm2_cache() -> Path:
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _convert_smollm2(gguf_dir, tmp)
+        # A first load may come from code building on the meta device (the bench's meta attach):
+        # the conversion itself needs real weights.
+        with torch.device("cpu"):
+            _convert_smollm2(gguf_dir, tmp)
         marker = {"source": SMOLLM2_GGUF, "transformers": _transformers().__version__}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _publish(tmp, target)
