@@ -297,3 +297,28 @@ def test_the_block_leaves_the_model_as_it_was() -> None:
     with torch.inference_mode():
         assert torch.equal(model(**b).logits, plain)
     assert model.peftlab.routing is None
+
+
+def test_stacked_weights_are_reused_and_follow_every_change() -> None:
+    from peftlab.core import routing
+
+    model = tiny_llama()
+    _attach_two(model, "lora")
+    model.eval()
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    b = _batch("llama", len(NAMES))
+    _routed(model, b, NAMES)
+    first = routing._STACKS[layer][1]
+    _routed(model, b, list(reversed(NAMES)))
+    assert routing._STACKS[layer][1] is first  # another batch, same adapters: not rebuilt
+    with torch.no_grad():
+        peftlab.adapter_parameters(model, "b")["model.layers.0.self_attn.q_proj.lora_B.b.weight"].mul_(3)
+    _close(_routed(model, b, NAMES), _per_row_reference(model, b, NAMES))  # an in-place change is seen
+    assert routing._STACKS[layer][1] is not first
+    peftlab.attach(model, "lora", name="c", r=2)
+    perturb(peftlab.adapter_parameters(model, "c"), seed=7, scale=0.05)
+    names = ["c", *NAMES]
+    b = _batch("llama", len(names))
+    _close(_routed(model, b, names), _per_row_reference(model, b, names))
+    peftlab.detach(model)
+    assert layer not in routing._STACKS  # the stacks go with the adapters

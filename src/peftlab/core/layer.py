@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftlab.core import routing
 from peftlab.core.errors import AdapterStateError
 from peftlab.core.transaction import before_write, on_undo
 
@@ -85,8 +86,9 @@ class AdapterLayer(nn.Module):
         for c in self.adapter_containers:
             delattr(self, c)
         for attr in ("peftlab_active", "peftlab_disabled", "peftlab_merged", "peftlab_merge_fix",
-                     "peftlab_weight_version", "peftlab_state"):
+                     "peftlab_weight_version", "peftlab_state", "peftlab_routing"):
             self.__dict__.pop(attr, None)
+        routing.forget(self)
         self.__class__ = type(self).base_class
         return self
 
@@ -121,6 +123,7 @@ class AdapterLayer(nn.Module):
         if name in self.peftlab_active:
             self.peftlab_active.remove(name)
         self.__dict__.get("peftlab_state", {}).pop(name, None)  # after the unmerge, which may need it
+        routing.forget(self)
         if not self.adapter_names():
             self.restore()
 

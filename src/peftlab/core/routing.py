@@ -13,9 +13,12 @@ adapter, computed for all the batch's adapters together:
   positions, features)`` view of the input;
 * the updates of the real (unpadded) rows are added to the base output with one ``index_add``.
 
-The number of kernels per layer does not grow with the number of adapters; the stacked weights
-(one copy of the batch's adapters per layer) are built on the first forward pass of a routing
-and reused by every later pass of that routing (all the decoding steps of ``generate``).
+The number of kernels per layer does not grow with the number of adapters. Each layer's adapters
+are stacked once (one copy of their weights, padded to the largest rank or width, kept outside
+the module and rebuilt only when an adapter or a weight changes); a batch whose tiles are the
+stack itself (every adapter of the layer, each in one tile) uses it as it is, any other batch
+selects its tiles from it once, on its first forward pass, for all its passes (every decoding
+step of ``generate``).
 
 A tensor whose leading dimension is ``k`` times the routing's rows (``generate`` with
 ``num_beams`` or ``num_return_sequences``, or layers that flatten ``(batch, positions)``) maps its
@@ -29,6 +32,7 @@ share it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -49,18 +53,20 @@ class RoutedForm(Protocol):
     """One adapter's update at one layer, in a form whose updates stack across adapters.
 
     A layer's ``routed_form(name)`` returns one, or None where adapter ``name`` changes nothing
-    at that layer. ``key`` says which forms stack together (same kind, same non-linearity...); the class's
-    ``stack`` builds the per-tile tensors from one form per tile, and ``apply`` computes the
-    update of every tile, ``(tiles, t x L, d_out)``, from the layer's tensors gathered into
-    tiles (``gather``) and the named inputs of the layer's forward (``inputs``)."""
+    at that layer. ``key`` says which forms stack together (same kind, same non-linearity...).
+    The class's ``stack`` turns forms into ``(per_tile, static)``: tensors with one leading entry
+    per form (selected per tile by the routing), and what they share; ``apply`` computes the
+    update of every tile, ``(tiles, t x L, d_out)``, from those, the layer's tensors gathered
+    into tiles (``gather``) and the named inputs of the layer's forward (``inputs``)."""
 
     key: ClassVar[Hashable] | Hashable
 
     @classmethod
-    def stack(cls, forms: Sequence[Any]) -> Any: ...
+    def stack(cls, forms: Sequence[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
 
     @classmethod
-    def apply(cls, stacked: Any, gather: Gather, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor: ...
+    def apply(cls, per_tile: dict[str, torch.Tensor], static: dict[str, Any], gather: Gather,
+              inputs: dict[str, torch.Tensor | None]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class _Group:
     """The tiles of one stackable group of adapters at one layer, for one row count."""
 
     form: type
-    stacked: Any
+    per_tile: dict[str, torch.Tensor]
+    static: dict[str, Any]
     tile_rows: torch.Tensor
     """``(tiles * t,)`` row index of every tile slot (padding slots repeat a real row)."""
     valid: torch.Tensor
@@ -94,6 +101,51 @@ def tile(rows_of: dict[str, list[int]], order: Sequence[str]) -> tuple[list[str]
             owners.append(a)
             chunks.append(rs[i:i + t])
     return owners, chunks, t
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """Every routable adapter of one layer in one form, stacked (in the layer's adapter order)."""
+
+    form: type
+    names: tuple[str, ...]
+    per_tile: dict[str, torch.Tensor]
+    static: dict[str, Any]
+
+
+_STACKS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[_Stack]]] = weakref.WeakKeyDictionary()
+"""Per layer: the stacked forms of its adapters and the fingerprint they were built from. Kept
+outside the module (never pickled, copied or saved with it); rebuilt when an adapter, a weight
+or a parameter version changes; dropped with the layer's adapters (:func:`forget`)."""
+
+
+def _fingerprint(layer: nn.Module) -> tuple:
+    names = tuple(layer.adapter_names())  # type: ignore[operator]
+    tensors = tuple((id(t), t._version) for t in (*layer.parameters(), *layer.buffers()))
+    return names, tensors
+
+
+def stacks(layer: nn.Module) -> list[_Stack]:
+    """The layer's adapters stacked by form, built once and reused while nothing changed."""
+    key = _fingerprint(layer)
+    cached = _STACKS.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    forms: dict[tuple[type, Hashable], list[tuple[str, Any]]] = {}
+    for a in key[0]:
+        if refusal(layer, a) is None and (f := layer.routed_form(a)) is not None:  # type: ignore[operator]
+            forms.setdefault((type(f), f.key), []).append((a, f))
+    built = []
+    for (cls, _), members in forms.items():
+        per_tile, static = cls.stack([f for _, f in members])
+        built.append(_Stack(cls, tuple(a for a, _ in members), per_tile, static))
+    _STACKS[layer] = (key, built)
+    return built
+
+
+def forget(layer: nn.Module) -> None:
+    """Drop the layer's stacked forms (its adapters changed or went)."""
+    _STACKS.pop(layer, None)
 
 
 @dataclass(eq=False)
@@ -143,7 +195,7 @@ class Routing:
                 t = t.reshape(n, -1, t.shape[-1])
                 return t.index_select(0, g.tile_rows).reshape(g.tiles, -1, t.shape[-1])
 
-            delta = g.form.apply(g.stacked, gather, {"out": out, **inputs})
+            delta = g.form.apply(g.per_tile, g.static, gather, {"out": out, **inputs})
             delta = delta.reshape(-1, positions, d_out)[g.valid]
             flat = flat.index_add(0, g.rows, delta.to(flat.dtype))
         return flat.view(out.shape)
@@ -153,22 +205,25 @@ class Routing:
         rows_of = {a: r for a, r in self.rows_of(n_rows).items() if a in held}
         if not rows_of:
             return None
-        forms = {a: f for a in rows_of if (f := layer.routed_form(a)) is not None}  # type: ignore[operator]
-        by_key: dict[tuple[type, Hashable], list[str]] = {}
-        for a in self.adapters:
-            if a in forms:
-                by_key.setdefault((type(forms[a]), forms[a].key), []).append(a)
         groups = []
-        for (cls, _), members in by_key.items():
-            owners, chunks, t = tile(rows_of, members)
+        for stack in stacks(layer):
+            members = [a for a in stack.names if a in rows_of]
+            if not members:
+                continue
+            owners, chunks, t = tile(rows_of, members)  # tiles in stack order: often the stack itself
+            where = [stack.names.index(o) for o in owners]
+            if where == list(range(len(stack.names))):
+                per_tile = stack.per_tile
+            else:  # the batch's tiles only: one copy of their weights for this batch
+                index = torch.tensor(where, device=device)
+                per_tile = {k: v.index_select(0, index) for k, v in stack.per_tile.items()}
             slots, valid = [], []
             for chunk in chunks:
                 slots += chunk + [chunk[0]] * (t - len(chunk))
                 valid += [True] * len(chunk) + [False] * (t - len(chunk))
             valid_t = torch.tensor(valid, device=device)
             slots_t = torch.tensor(slots, device=device, dtype=torch.long)
-            groups.append(_Group(cls, cls.stack([forms[a] for a in owners]), slots_t, valid_t,
-                                 slots_t[valid_t], len(owners)))
+            groups.append(_Group(stack.form, per_tile, stack.static, slots_t, valid_t, slots_t[valid_t], len(owners)))
         return groups
 
 

@@ -96,7 +96,7 @@ class LowRankForm:
         return self.a.dtype, self.a.device
 
     @classmethod
-    def stack(cls, forms: Sequence[LowRankForm]) -> tuple[torch.Tensor, ...]:
+    def stack(cls, forms: Sequence[LowRankForm]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         f0 = forms[0]
         g, rank = len(forms), max(f.a.shape[0] for f in forms)
         kw = {"dtype": f0.a.dtype, "device": f0.a.device}
@@ -108,26 +108,27 @@ class LowRankForm:
             a[i, :, :r] = f.a.T
             b[i, :r] = f.b.T
             s[i, 0, :r] = f.scale if isinstance(f.scale, float) else f.scale.reshape(-1)
-        if all(f.magnitude is None for f in forms):
-            return a, b, s
-        m = torch.stack([f.magnitude.to(a.dtype) if f.magnitude is not None
-                         else torch.ones(f0.b.shape[0], **kw) for f in forms])[:, None]
-        bias = next((f.bias for f in forms if f.bias is not None), None)
-        return a, b, s, m, bias.to(a.dtype) if bias is not None else torch.zeros((), **kw)
+        per_tile = {"a": a, "b": b, "s": s}
+        static: dict[str, Any] = {}
+        if any(f.magnitude is not None for f in forms):
+            per_tile["m"] = torch.stack([f.magnitude.to(a.dtype) if f.magnitude is not None
+                                         else torch.ones(f0.b.shape[0], **kw) for f in forms])[:, None]
+            bias = next((f.bias for f in forms if f.bias is not None), None)
+            static["bias"] = bias.to(a.dtype) if bias is not None else torch.zeros((), **kw)
+        return per_tile, static
 
     @classmethod
-    def apply(cls, stacked: tuple[torch.Tensor, ...], gather: Callable[[torch.Tensor], torch.Tensor],
-              inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        a, b, s = stacked[:3]
+    def apply(cls, per_tile: dict[str, torch.Tensor], static: dict[str, Any],
+              gather: Callable[[torch.Tensor], torch.Tensor], inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        a, b, s = per_tile["a"], per_tile["b"], per_tile["s"]
         x = inputs["x"]
         assert x is not None
         y = torch.bmm(torch.bmm(gather(x).to(a.dtype), a) * s, b)
-        if len(stacked) == 3:
+        if "m" not in per_tile:
             return y
-        m, bias = stacked[3:]
-        out = inputs["out"]
+        m, out = per_tile["m"], inputs["out"]
         assert out is not None
-        return (m - 1) * (gather(out).to(y.dtype) - bias) + m * y
+        return (m - 1) * (gather(out).to(y.dtype) - static["bias"]) + m * y
 
 
 class LoRALayer(MergeableLayer):

@@ -332,39 +332,41 @@ class MLPForm:
         return repr(self.act), self.parallel, norm, self.down_w.dtype
 
     @classmethod
-    def stack(cls, forms: Sequence[MLPForm]) -> dict[str, Any]:
+    def stack(cls, forms: Sequence[MLPForm]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         f0 = forms[0]
         g, m, d = len(forms), max(f.down_w.shape[0] for f in forms), f0.down_w.shape[1]
         kw = {"dtype": f0.down_w.dtype, "device": f0.down_w.device}
-        st: dict[str, Any] = {"down": torch.zeros(g, d, m, **kw), "down_b": torch.zeros(g, 1, m, **kw),
-                              "up": torch.zeros(g, m, d, **kw), "up_b": torch.zeros(g, 1, d, **kw),
-                              "s": torch.tensor([f.scaling for f in forms], **kw).view(g, 1, 1),
-                              "act": f0.act, "parallel": f0.parallel, "norm": None}
+        t = {"down": torch.zeros(g, d, m, **kw), "down_b": torch.zeros(g, 1, m, **kw),
+             "up": torch.zeros(g, m, d, **kw), "up_b": torch.zeros(g, 1, d, **kw),
+             "s": torch.tensor([f.scaling for f in forms], **kw).view(g, 1, 1)}
         for i, f in enumerate(forms):
             w = f.down_w.shape[0]
-            st["down"][i, :, :w] = f.down_w.T
-            st["down_b"][i, 0, :w] = f.down_b
-            st["up"][i, :w] = f.up_w.T
-            st["up_b"][i, 0] = f.up_b
+            t["down"][i, :, :w] = f.down_w.T
+            t["down_b"][i, 0, :w] = f.down_b
+            t["up"][i, :w] = f.up_w.T
+            t["up_b"][i, 0] = f.up_b
+        static: dict[str, Any] = {"act": f0.act, "parallel": f0.parallel, "norm": None}
         if f0.norm is not None:
-            st["norm"] = (f0.norm.normalized_shape, f0.norm.eps,
-                          torch.stack([f.norm.weight for f in forms])[:, None] if f0.norm.weight is not None else None,
-                          torch.stack([f.norm.bias for f in forms])[:, None] if f0.norm.bias is not None else None)
-        return st
+            static["norm"] = (f0.norm.normalized_shape, f0.norm.eps)
+            if f0.norm.weight is not None:
+                t["norm_w"] = torch.stack([f.norm.weight for f in forms])[:, None]  # type: ignore[union-attr]
+            if f0.norm.bias is not None:
+                t["norm_b"] = torch.stack([f.norm.bias for f in forms])[:, None]  # type: ignore[union-attr]
+        return t, static
 
     @classmethod
-    def apply(cls, st: dict[str, Any], gather: Callable[[torch.Tensor], torch.Tensor],
+    def apply(cls, t: dict[str, torch.Tensor], static: dict[str, Any], gather: Callable[[torch.Tensor], torch.Tensor],
               inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        src = inputs["x_in"] if st["parallel"] else inputs["out"]
+        src = inputs["x_in"] if static["parallel"] else inputs["out"]
         assert src is not None
-        z = gather(src).to(st["down"].dtype)
-        if st["norm"] is not None:
-            shape, eps, w, b = st["norm"]
+        z = gather(src).to(t["down"].dtype)
+        if static["norm"] is not None:
+            shape, eps = static["norm"]
             z = nn.functional.layer_norm(z, shape, None, None, eps)
-            z = z * w if w is not None else z
-            z = z + b if b is not None else z
-        h = st["act"](torch.baddbmm(st["down_b"], z, st["down"]))
-        return torch.baddbmm(st["up_b"], h, st["up"]) * st["s"]
+            z = z * t["norm_w"] if "norm_w" in t else z
+            z = z + t["norm_b"] if "norm_b" in t else z
+        h = static["act"](torch.baddbmm(t["down_b"], z, t["down"]))
+        return torch.baddbmm(t["up_b"], h, t["up"]) * t["s"]
 
 
 class SiteAdapter(nn.Module):
