@@ -57,6 +57,7 @@ PLUGGED: dict[str, tuple[str, str]] = {
     "peftlab.lab.train_cli": ("train", "fine-tune a model on a task with a method"),
     "peftlab.estimate.cli": ("estimate", "memory per device to fine-tune or serve a model, per method"),
     "peftlab.lab.recommend_cli": ("recommend", "rank methods for a model, memory budget and serving needs"),
+    "peftlab.export_cli": ("export", "checked copy of an adapter for vLLM or peft (exact conversions, refusals)"),
 }
 
 
