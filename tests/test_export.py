@@ -117,6 +117,7 @@ LORA_CASES = {
     "bias-lora-only": (llama_with_biases, {"r": 4, "target_modules": TARGETS, "bias": "lora_only"}, 8),
     "embedding-rank12": (tiny_llama, {"r": 12, "target_modules": ["embed_tokens", "q_proj"]}, 16),
     "gpt2-conv1d-bias": (tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_fc"], "bias": "lora_only"}, 8),
+    "pissa-saved-as-rank-2r": (tiny_llama, {"r": 4, "init": "pissa", "target_modules": TARGETS}, 8),
     "modules-to-save": (untied_llama, {"r": 8, "target_modules": TARGETS, "modules_to_save": ["lm_head"]}, 8),
 }
 
@@ -144,6 +145,21 @@ def test_lora_exports_load_in_peft_with_the_trained_outputs(case, tmp_path):
     assert files_of(src) == before
     torch.testing.assert_close(peft_logits(make, tmp_path / "peft"), want, atol=1e-5, rtol=0)
     assert not (tmp_path / "peft" / OVERRIDES_NAME).exists()
+
+
+def test_qlora_exports_its_lora_with_the_quantized_base_instruction(tmp_path):
+    model = tiny_llama()
+    peftlab.attach(model, "qlora", r=4, target_modules=["q_proj"], blocksize=32)
+    perturb(peftlab.adapter_parameters(model, "default"))
+    peftlab.save(model, tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    for target in ("vllm", "peft"):
+        report = export(tmp_path / "a", tmp_path / target, target)
+        config = json.loads((tmp_path / target / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and not any(k.startswith("peftlab") for k in config)
+        assert any("quantized base" in line for line in report.instructions)
+        got = load_file(tmp_path / target / "adapter_model.safetensors")
+        assert all(torch.equal(got[k][: t.shape[0], : t.shape[1]], t) for k, t in saved.items())
 
 
 def test_padding_adds_zero_factors_and_keeps_the_scale(tmp_path):
@@ -188,6 +204,11 @@ def test_dylora_is_converted_to_lora_at_its_rank_for_vllm(tmp_path):
     assert vllm_problems(tmp_path / "v") == []
     assert json.loads((tmp_path / "v" / "adapter_config.json").read_text())["r"] == 8
     torch.testing.assert_close(peft_logits(tiny_llama, tmp_path / "v"), want, atol=1e-5, rtol=0)
+    report = export(tmp_path / "a", tmp_path / "p", "peft")  # peft has no DyLoRA: the same plain LoRA, unpadded
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"]) == ("LORA", 3)
+    assert any("DyLoRA -> LoRA" in line for line in report.converted)
+    torch.testing.assert_close(peft_logits(tiny_llama, tmp_path / "p"), want, atol=1e-5, rtol=0)
 
 
 REFUSALS = {
@@ -195,7 +216,7 @@ REFUSALS = {
     "ia3-vllm": ("ia3", {}, "vllm", "IA3 scales activations"),
     "lokr-vllm": ("lokr", {"r": 2, "target_modules": ["q_proj"]}, "vllm", "Kronecker"),
     "houlsby-peft": ("houlsby", {"reduction_factor": 4}, "peft", "peft has no bottleneck adapters"),
-    "dylora-peft": ("dylora", {"r_max": 4, "target_modules": ["q_proj"]}, "peft", "peft has no DyLoRA"),
+    "flora-peft": ("flora", {"r": 2, "target_modules": ["q_proj"]}, "peft", "peft has no FLoRA"),
 }
 
 
@@ -238,6 +259,29 @@ def test_output_folder_must_be_new_and_outside_the_source(tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep"
     with pytest.raises(ConfigError, match="target must be one of"):
         export(tmp_path / "a", tmp_path / "v", "sglang")  # type: ignore[arg-type]
+    assert files_of(tmp_path / "a") == before
+
+
+def test_a_failed_write_leaves_no_output_folder(tmp_path, monkeypatch):
+    import peftlab.export as export_module
+    from peftlab.core.errors import PeftlabError
+
+    trained(llama_with_biases, "lora", tmp_path / "a", r=4, target_modules=["q_proj"], bias="all")
+    before = files_of(tmp_path / "a")
+    calls = []
+
+    def failing(path, data):  # the report is the last file written: fail there, after the tensors
+        calls.append(path)
+        if Path(path).name == "export_report.json":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    real = export_module.files.write_bytes
+    monkeypatch.setattr(export_module.files, "write_bytes", failing)
+    with pytest.raises(PeftlabError, match="No space left"):
+        export(tmp_path / "a", tmp_path / "v", "vllm")
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert files_of(tmp_path / "a") == before
 
 

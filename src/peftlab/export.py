@@ -49,8 +49,8 @@ methods, bottleneck adapters, BitFit, full fine-tuning and GaLore are refused wi
 ``target="peft"``: methods peft has (LoRA, QLoRA's LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA, the
 prompt methods); every config field is checked against the installed peft's config class
 (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``): a field peft would not read is dropped when it
-holds no value and refused otherwise, and the config must build in peft. peftlab-only methods are
-refused by name.
+holds no value and refused otherwise, and the config must build in peft. DyLoRA (peft has none) is
+converted to a plain LoRA at its rank; the other peftlab-only methods are refused by name.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ REFUSED_FOR_VLLM: dict[str, str] = {
            "serve the merged model",
     "vera": "VeRA is a LoRA with shared frozen factors, but slicing them needs each layer's input width, which the "
             "adapter folder does not hold; merge it into the base and serve the merged model",
-    "flora": "FLoRA's update is a Tucker product, not a LoRA B A; merge it into the base and serve the merged model",
+    "flora": "FLoRA's update is a Tucker product: a LoRA only on 2-D weights, and whether such a weight is stored "
+             "(out, in), (in, out) (GPT-2 Conv1D) or is an embedding is not in the adapter folder; merge it into the "
+             "base and serve the merged model",
     "prompt_tuning": "prompt methods prepend virtual tokens; vLLM's LoRA loader reads lora_A/lora_B tensors only",
     "p_tuning": "prompt methods prepend virtual tokens; vLLM's LoRA loader reads lora_A/lora_B tensors only",
     "prefix_tuning": "prefix tuning adds key/value prefixes; vLLM's LoRA loader reads lora_A/lora_B tensors only",
@@ -115,8 +117,6 @@ REFUSED_FOR_PEFT: dict[str, str] = {
     "compacter": "peft has no Compacter; serve it with peftlab",
     "fusion": "peft has no AdapterFusion; serve it with peftlab",
     "flora": "peft has no FLoRA; serve it with peftlab",
-    "dylora": "peft has no DyLoRA; `peftlab export --for vllm` converts it to a plain LoRA at its rank, which peft "
-              "loads too",
     "bitfit": "peft has no BitFit; merge it (peftlab.merge_and_unload) and save the model",
     "full": "full fine-tuning trains every base weight: the file is a model, not a peft adapter; load it onto the "
             "base (peftlab.load) and save the model (save_pretrained)",
@@ -392,6 +392,10 @@ def _overrides(rest: dict[str, torch.Tensor], method: Method, report: ExportRepo
     report.instructions.append(f"write the {len(out)} tensors of {OVERRIDES_NAME} into the base checkpoint (same "
                                "state_dict keys, e.g. model.load_state_dict(overrides, strict=False) then "
                                "save_pretrained) and serve the adapter on that base; without them outputs differ")
+    tied = sorted(k for k in copies if k.startswith("lm_head.") or ".embed_tokens." in f".{k}")
+    if tied:
+        report.instructions.append(f"{tied}: if the base ties lm_head to embed_tokens (tie_word_embeddings), untie "
+                                   "them in the base checkpoint first: the copy replaces one module, not both")
     return out
 
 
@@ -419,9 +423,28 @@ def _lora_config(method: Method, config: dict[str, Any], factors: dict[str, _Fac
 
 
 # ----------------------------------------------------------------------------- peft
+def _dylora_for_peft(method: Method, config: dict[str, Any], tensors: dict[str, torch.Tensor], report: ExportReport
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """peft has no DyLoRA: its adapter at the chosen rank is a plain LoRA (exact); module copies
+    stay in the file under ``modules_to_save``, as peft saves them."""
+    pairs, rest = _split_lora(tensors)
+    factors = _dylora_factors(method, pairs, tensors, report)
+    if any(f.a.dim() != 2 for f in factors.values()):  # peft's conv LoRA keys differ: not converted here
+        report.refused.append("DyLoRA on convolutions is not converted for peft; serve it with peftlab")
+        return {}, {}, {}
+    r_out = max(f.rank for f in factors.values())
+    out = {k: t for f in factors.values() for k, t in ((f.a_key, f.a), (f.b_key, f.b))}
+    alpha_out = _alpha_for(Counter(f.scale for f in factors.values()).most_common(1)[0][0], r_out, False)
+    out_config = _lora_config(method, config, factors, r_out, alpha_out, False, report)
+    out_config["modules_to_save"] = list(method.modules_to_save) or None
+    return out_config, {**out, **rest}, {}
+
+
 def _peft(method: Method, config: dict[str, Any], tensors: dict[str, torch.Tensor], report: ExportReport
           ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     name = method.method_name
+    if name == "dylora":
+        return _dylora_for_peft(method, config, tensors, report)
     if name in REFUSED_FOR_PEFT or method.peft_type is None:
         report.refused.append(f"{name}: " + REFUSED_FOR_PEFT.get(name, f"peft has no {name}"))
         return {}, {}, {}
