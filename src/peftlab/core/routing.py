@@ -154,6 +154,10 @@ class Routing:
 
     names: tuple[str | None, ...]
     _plans: dict[tuple[int, int], list[_Group] | None] = field(default_factory=dict, repr=False)
+    _rows: dict[int, dict[str, list[int]]] = field(default_factory=dict, repr=False)
+    _tiles: dict[tuple, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int]] = \
+        field(default_factory=dict, repr=False)
+    """Tile plans by (stack names, rows, device): layers holding the same adapters share one."""
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -162,6 +166,11 @@ class Routing:
 
     def rows_of(self, n_rows: int) -> dict[str, list[int]]:
         """``{adapter: rows}`` of a tensor with ``n_rows`` leading rows (a multiple of the batch)."""
+        if n_rows not in self._rows:
+            self._rows[n_rows] = self._rows_of(n_rows)
+        return self._rows[n_rows]
+
+    def _rows_of(self, n_rows: int) -> dict[str, list[int]]:
         b = len(self.names)
         if n_rows % b:
             raise AdapterStateError(
@@ -207,24 +216,35 @@ class Routing:
             return None
         groups = []
         for stack in stacks(layer):
-            members = [a for a in stack.names if a in rows_of]
-            if not members:
+            key = (stack.names, n_rows, device)
+            if key not in self._tiles:
+                self._tiles[key] = self._tile(stack.names, {a: r for a, r in rows_of.items() if a in stack.names},
+                                              device)
+            where, index, slots, valid, tiles = self._tiles[key]
+            if not tiles:
                 continue
-            owners, chunks, t = tile(rows_of, members)  # tiles in stack order: often the stack itself
-            where = [stack.names.index(o) for o in owners]
             if where == list(range(len(stack.names))):
                 per_tile = stack.per_tile
             else:  # the batch's tiles only: one copy of their weights for this batch
-                index = torch.tensor(where, device=device)
                 per_tile = {k: v.index_select(0, index) for k, v in stack.per_tile.items()}
-            slots, valid = [], []
-            for chunk in chunks:
-                slots += chunk + [chunk[0]] * (t - len(chunk))
-                valid += [True] * len(chunk) + [False] * (t - len(chunk))
-            valid_t = torch.tensor(valid, device=device)
-            slots_t = torch.tensor(slots, device=device, dtype=torch.long)
-            groups.append(_Group(stack.form, per_tile, stack.static, slots_t, valid_t, slots_t[valid_t], len(owners)))
+            groups.append(_Group(stack.form, per_tile, stack.static, slots, valid, slots[valid], tiles))
         return groups
+
+
+    @staticmethod
+    def _tile(names: tuple[str, ...], rows_of: dict[str, list[int]], device: torch.device
+              ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(stack position of each tile, the same as a tensor, slot rows, valid slots, tiles)``;
+        tiles follow the stack's order, so a batch holding every adapter once is the stack itself."""
+        owners, chunks, t = tile(rows_of, names)
+        where = [names.index(o) for o in owners]
+        slots, valid = [], []
+        for chunk in chunks:
+            slots += chunk + [chunk[0]] * (t - len(chunk))
+            valid += [True] * len(chunk) + [False] * (t - len(chunk))
+        return (where, torch.tensor(where, device=device, dtype=torch.long),
+                torch.tensor(slots, device=device, dtype=torch.long), torch.tensor(valid, device=device, dtype=torch.bool),
+                len(owners))
 
 
 def refusal(layer: nn.Module, name: str) -> str | None:
