@@ -26,6 +26,7 @@ from peftlab.api import (
     merge,
     merge_and_unload,
     per_row,
+    prepare_hotswap,
     unmerge,
     use,
 )
@@ -38,7 +39,7 @@ from peftlab.core.errors import (
     TargetError,
 )
 from peftlab.core.method import Method, get_method, method_class, methods, register
-from peftlab.core.state import load, save
+from peftlab.core.state import hotswap, load, save
 from peftlab.core.summary import Summary, summary
 
 __all__ = [
@@ -58,12 +59,14 @@ __all__ = [
     "detach",
     "disabled",
     "get_method",
+    "hotswap",
     "load",
     "merge",
     "merge_and_unload",
     "method_class",
     "methods",
     "per_row",
+    "prepare_hotswap",
     "register",
     "save",
     "summary",

@@ -247,6 +247,28 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
         reg.routing = None
 
 
+def prepare_hotswap(model: nn.Module, rank: int, names: list[str] | None = None) -> None:
+    """Make adapters take any adapter of their method up to rank ``rank`` in place
+    (``peftlab.hotswap``), without a new shape or a new Python number: LoRA pads its factors with
+    zeros to ``rank`` (exact) and holds its scales as tensors. Call it before ``torch.compile``,
+    so that hot-swaps never recompile; it also gives adapters of different ranks one shape for
+    serving. The recorded config becomes the padded form (same outputs; saves load in peft)."""
+    reg = registry(model)
+    names = list(reg.adapters) if names is None else list(names)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"prepare_hotswap: rank must be a positive int (got {rank!r}), e.g. the largest rank served")
+    unknown = [n for n in names if n not in reg.adapters]
+    if unknown:
+        raise AdapterStateError(f"no adapter named {unknown}; adapters on this model: {sorted(reg.adapters)}")
+    merged = sorted({n for _, layer in adapter_layers(model) for n in getattr(layer, "peftlab_merged", ()) if n in names})
+    if merged:
+        raise AdapterStateError(f"adapters {merged} are merged; peftlab.unmerge(model) before preparing them")
+    with transaction(model):
+        for n in names:
+            s = reg.adapters[n]
+            s.method = s.method.prepare_hotswap(model, n, rank)
+
+
 def merge(model: nn.Module, names: list[str] | None = None, *, safe: bool = True) -> None:
     """Fold active adapters into the base weights (all active ones by default).
 

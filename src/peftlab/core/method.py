@@ -328,6 +328,35 @@ class Method:
         *unchanged* base here (peft's conversion), so the file loads onto the original model."""
         return self, tensors
 
+    # ----------------------------------------------------------------------------- hot-swap
+    def prepare_hotswap(self, model: nn.Module, name: str, rank: int) -> Method:
+        """Make adapter ``name`` take, in place, any adapter of this method up to rank ``rank``
+        (padding with zeros, numbers that may change held as tensors), before ``torch.compile``;
+        return the method that now describes it (its saved config). The default: nothing can be
+        padded, so a hot-swap must bring the same config (:meth:`hotswap_writes`)."""
+        raise ConfigError(f"{self.method_name}: adapters of this method are not padded for hot-swapping; "
+                          "a hot-swap into it must have the same config (ranks, widths, scales)")
+
+    def hotswap_writes(self, model: nn.Module, name: str, new: Method,
+                       values: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Method]:
+        """The in-place writes that turn adapter ``name`` into ``new`` (a file's adapter of this
+        method), given ``values`` ``{file key: (tensor of file_tensors, file value)}`` (the key
+        sets already match): ``([(target, value)], method to record)``. Nothing is written here.
+
+        The default accepts the same config only (every option equal) and values of the tensors'
+        own shapes. Raises ``ConfigError`` naming what differs."""
+        differ = sorted(k for k, v in self.options().items() if new.options().get(k) != v)
+        if differ:
+            raise ConfigError(f"{self.method_name}: the new adapter differs in {differ}; a hot-swap writes tensors in "
+                              "place, so everything else must be the same (peftlab.load it as a new adapter instead)")
+        writes = []
+        for key, (target, value) in values.items():
+            if tuple(value.shape) != tuple(target.shape):
+                raise ConfigError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(target.shape)} in the model")
+            writes.append((target, value))
+        return writes, self
+
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
         """File key of a base tensor this adapter trains in place (``state_dict`` key ``key``)."""
         return FILE_PREFIX + key

@@ -42,9 +42,10 @@ from torch import nn
 
 from peftlab import __version__
 from peftlab.core import files, slots
-from peftlab.core.errors import AdapterFileError, AdapterStateError, PeftlabError
+from peftlab.core.errors import AdapterFileError, AdapterStateError, ConfigError, PeftlabError
+from peftlab.core.layer import adapter_layers
 from peftlab.core.method import FILE_PREFIX, Method, method_class, method_from_config, methods
-from peftlab.core.transaction import transaction
+from peftlab.core.transaction import before_write, transaction
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -491,4 +492,47 @@ def load(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAUL
         method.load_file_tensors(model, name, {key: (t, tensors[by_canon[key]]) for key, (_, t) in table.items()})
         if activate:
             use(model, name)
+    return model
+
+
+def hotswap(model: nn.Module, directory: str | os.PathLike[str], name: str = DEFAULT) -> nn.Module:
+    """Replace the weights of adapter ``name`` in place by the adapter saved in ``directory``
+    (peftlab's or peft's files), with no re-attach: the same parameter objects take the new
+    values, so optimizers, hooks and a ``torch.compile``'d model keep working without recompiling.
+
+    The file must be an adapter of the same method on the same modules. LoRA takes any ranks and
+    alphas up to what :func:`peftlab.prepare_hotswap` prepared (or exactly its own otherwise);
+    other methods the same config. Every check runs before any write; on any problem the model is
+    unchanged and the :class:`AdapterFileError` says what differs."""
+    s = slots.slot(model, name)
+    d = Path(directory)
+    if s.base_keys:
+        raise AdapterStateError(f"adapter {name!r} trains base tensors in place; hot-swapping them is not supported "
+                                "(peftlab.load the new adapter under another name)")
+    merged = [p for p, layer in adapter_layers(model) if name in getattr(layer, "peftlab_merged", ())]
+    if merged:
+        raise AdapterStateError(f"adapter {name!r} is merged (e.g. {merged[0]}); peftlab.unmerge(model) first")
+    method, tensors, metadata = read(d)
+    _check_architecture(model, metadata, d)
+    if type(method) is not type(s.method):
+        raise AdapterFileError(f"{d} holds a {method.method_name} adapter and adapter {name!r} is "
+                               f"{s.method.method_name}; a hot-swap keeps the method (peftlab.load it as a new adapter)")
+    table = {_canonical(k): v for k, v in file_tensors(model, name).items()}
+    by_canon = {_canonical(k): k for k in tensors}
+    missing, unexpected = sorted(set(table) - set(by_canon)), sorted(set(by_canon) - set(table))
+    if missing or unexpected:
+        raise AdapterFileError(f"{d} does not fit adapter {name!r}: missing {missing[:3]}"
+                               f"{' ...' if len(missing) > 3 else ''} ({len(missing)}), unexpected {unexpected[:3]}"
+                               f"{' ...' if len(unexpected) > 3 else ''} ({len(unexpected)}); a hot-swap needs an "
+                               "adapter on the same modules (peftlab.load it as a new adapter)")
+    values = {k: (t, tensors[by_canon[k]]) for k, (_, t) in table.items()}
+    try:
+        writes, record = s.method.hotswap_writes(model, name, method, values)
+    except ConfigError as e:
+        raise AdapterFileError(f"{d} cannot be hot-swapped into adapter {name!r}: {e}") from e
+    with transaction(model), torch.no_grad():
+        for target, value in writes:
+            before_write(target)
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+        s.method = record
     return model

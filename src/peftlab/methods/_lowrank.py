@@ -65,6 +65,10 @@ class LowRank:
     alpha: float
     rslora: bool = False
     residual: Residual | None = None
+    scale_tensor: torch.Tensor | None = None
+    """Prepared for hot-swapping (``peftlab.prepare_hotswap``): the scale as a 0-d fp32 tensor,
+    which a hot-swap overwrites in place (so a compiled forward never sees a new number). ``r``
+    is then the padded rank and ``alpha`` the padded form's at preparation; the tensor rules."""
 
     @property
     def scale(self) -> float:
@@ -144,7 +148,66 @@ class LoRALayer(MergeableLayer):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def scaling(self, name: str) -> float:
-        return self.adapter_state(name).scale
+        st = self.adapter_state(name)
+        return st.scale if st.scale_tensor is None else st.scale_tensor  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------- hot-swap
+    def pad_rank(self, name: str, rank: int) -> None:
+        """Pad adapter ``name`` with zeros to ``rank`` (the same update: zero terms, which change only
+        the order of summation of a product, by an ulp)
+        and hold its scale as a tensor, so that adapters of any rank up to ``rank`` can be
+        written into it in place (:meth:`swap_values`)."""
+        st: LowRank = self.adapter_state(name)
+        a, b = self.factor_tensors(name)
+        r = a.shape[0]
+        if rank < r:
+            raise ConfigError(f"hot-swap rank {rank} is below this adapter's rank {r}; use rank >= {r}")
+        if st.residual is not None:
+            raise ConfigError("an adapter initialised from the base weight (PiSSA/OLoRA) cannot be padded for "
+                              "hot-swapping (its residual is in the base); convert it by saving and loading it")
+        with torch.no_grad():
+            new_a = torch.cat([a, a.new_zeros((rank - r, *a.shape[1:]))], 0)
+            new_b = torch.cat([b, b.new_zeros((b.shape[0], rank - r, *b.shape[2:]))], 1)
+        self._set_factors(name, new_a, new_b)
+        scale = torch.tensor(float(self.scaling(name)), dtype=torch.float32, device=a.device)
+        self.set_adapter_state(name, LowRank(rank, float(scale) * rank, False, None, scale))
+
+    def _set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Replace the factor tensors of adapter ``name`` (new parameters, same requires_grad)."""
+        old_a, old_b = self.factor_tensors(name)
+        for container, new, old in (("lora_A", a, old_a), ("lora_B", b, old_b)):
+            entry = getattr(self, container)[name]
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
+            entry.weight = param
+            for attr, dim in (("out_features", 0), ("in_features", 1), ("out_channels", 0), ("in_channels", 1)):
+                if hasattr(entry, attr):
+                    setattr(entry, attr, new.shape[dim])
+
+    def swap_values(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The in-place writes that make adapter ``name`` compute ``scale * b a`` (``a``: rank
+        along dim 0, ``b``: along dim 1, a rank up to the stored one): ``[(target, value)]``.
+        Raises ``ConfigError`` when it does not fit without a new shape or a new number."""
+        st: LowRank = self.adapter_state(name)
+        old_a, old_b = self.factor_tensors(name)
+        r, stored = a.shape[0], old_a.shape[0]
+        if a.shape[1:] != old_a.shape[1:] or b.shape[0] != old_b.shape[0] or b.shape[2:] != old_b.shape[2:] \
+                or b.shape[1] != r:
+            raise ConfigError(f"factors of shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit "
+                              f"{tuple(old_a.shape)} / {tuple(old_b.shape)}")
+        if st.scale_tensor is None and (r != stored or scale != st.scale):
+            raise ConfigError(f"rank {r} and scale {scale:g} differ from this adapter's ({stored}, {st.scale:g}), which "
+                              "is not prepared for that: call peftlab.prepare_hotswap(model, rank=...) first (before "
+                              "torch.compile)")
+        if r > stored:
+            raise ConfigError(f"rank {r} exceeds the prepared rank {stored}; prepare with rank >= {r}")
+        new_a, new_b = torch.zeros_like(old_a), torch.zeros_like(old_b)
+        new_a[:r] = a.to(old_a.dtype)
+        new_b[:, :r] = b.to(old_b.dtype)
+        writes = [(old_a, new_a), (old_b, new_b)]
+        if st.scale_tensor is not None:
+            writes.append((st.scale_tensor, torch.tensor(scale, dtype=torch.float32)))
+        return writes
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, s)`` this forward pass uses (the default: all of them)."""
@@ -390,6 +453,11 @@ class LoRAEmbeddingLayer(LoRALayer):
 
     def factor_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        old_a, old_b = self.factor_tensors(name)
+        self.lora_embedding_A[name] = nn.Parameter(a, requires_grad=old_a.requires_grad)
+        self.lora_embedding_B[name] = nn.Parameter(b, requires_grad=old_b.requires_grad)
 
     def new_factors(self, name: str, r: int, dropout: float, init: str) -> None:
         num, dim = self.weight.shape

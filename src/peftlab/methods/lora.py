@@ -341,6 +341,69 @@ class LoRA(Method):
             return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
         return FILE_PREFIX + key
 
+    # ----------------------------------------------------------------------------- hot-swap
+    def prepare_hotswap(self, model: nn.Module, name: str, rank: int) -> LoRA:
+        """Pad every layer of adapter ``name`` to ``rank`` with zeros and hold its scale as a
+        tensor; the recorded config is the padded form (rank ``rank``, each module's alpha in
+        ``alpha_pattern``), which computes the same outputs and loads in peft."""
+        if self.target_parameters:
+            raise ConfigError("lora: adapters on target_parameters (expert tensors) are not padded for hot-swapping")
+        alphas: dict[str, float] = {}
+        for path, layer in self.adapted_layers(model, name):
+            assert isinstance(layer, LoRALayer)
+            try:
+                layer.pad_rank(name, rank)
+            except ConfigError as e:
+                raise ConfigError(f"lora: {path}: {e}") from None
+            alphas[re.escape(path)] = layer.adapter_state(name).alpha
+        return dataclasses.replace(self, r=rank, rslora=False, rank_pattern={}, alpha_pattern=alphas, init="default")
+
+    def hotswap_writes(self, model: nn.Module, name: str, new: Method,
+                       values: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Method]:
+        """A LoRA of the same modules, DoRA setting and module copies, of any ranks and alphas
+        that fit: equal to this adapter's, or (after :meth:`prepare_hotswap`) up to its padded
+        rank, the new scales written into the scale tensors."""
+        assert isinstance(new, LoRA)
+        differ = [k for k in ("dora", "bias", "modules_to_save", "target_parameters")
+                  if getattr(new, k) != getattr(self, k)]
+        if differ:
+            raise ConfigError(f"lora: the new adapter differs in {differ}, which a hot-swap cannot change")
+        if from_weight(new.init):
+            raise ConfigError(f"lora: the file holds an unconverted init={new.init!r} adapter, whose factors depend on "
+                              "the base weight; save it converted (peftlab.save does) and hot-swap that")
+        key_of = {id(t): key for key, (t, _) in values.items()}
+        writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        done: set[str] = set()
+        alphas: dict[str, float] = {}
+        for path, layer in self.adapted_layers(model, name):
+            assert isinstance(layer, LoRALayer)
+            ka, kb = (key_of[id(t)] for t in layer.factor_tensors(name))
+            r = pattern_value(new.rank_pattern, path, new.r)
+            alpha = pattern_value(new.alpha_pattern, path, new.alpha)
+            scale = alpha / (math.sqrt(r) if new.rslora else r)
+            a, b = values[ka][1], values[kb][1]
+            if a.shape[0] != r:
+                raise ConfigError(f"{ka}: rank {a.shape[0]} in the file, {r} in its config")
+            try:
+                writes += layer.swap_values(name, a, b, scale)
+            except ConfigError as e:
+                raise ConfigError(f"lora: {path}: {e}") from None
+            done |= {ka, kb}
+            st = layer.adapter_state(name)
+            alphas[re.escape(path)] = scale * st.r
+        for key, (target, value) in values.items():
+            if key in done:
+                continue
+            if tuple(value.shape) != tuple(target.shape):
+                raise ConfigError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(target.shape)} in the model")
+            writes.append((target, value))
+        prepared = all(layer.adapter_state(name).scale_tensor is not None
+                       for _, layer in self.adapted_layers(model, name))
+        if prepared:  # the padded form, with the new scales
+            return writes, dataclasses.replace(self, alpha_pattern=alphas)
+        return writes, dataclasses.replace(new, dropout=self.dropout)
+
     def saved_form(self, model: nn.Module, name: str,
                    tensors: dict[str, torch.Tensor]) -> tuple[Method, dict[str, torch.Tensor]]:
         """PiSSA/OLoRA adapters are saved as the plain LoRA of the *original* base (peft's
