@@ -23,7 +23,7 @@ from tests.test_architectures import SPECS, build, options
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
-ROUTED = {"lora", "dylora", "qlora", "houlsby", "pfeiffer", "compacter"}
+ROUTED = {"lora", "dylora", "qlora", "adalora", "vera", "houlsby", "pfeiffer", "compacter"}
 """The methods whose adapters serve mixed batches; every other registered method must refuse by name."""
 
 NAMES = ["a", "b", None, "b", "a", "__base__", "b"]

@@ -53,6 +53,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import Method, register
 from peftlab.core.targets import ALL_LINEAR, select, peft_targets
+from peftlab.methods._lowrank import LowRankForm
 from peftlab.methods.lora import check_rank
 
 __all__ = ["AdaLoRA", "AdaLoRALayer", "budget_schedule"]
@@ -137,10 +138,24 @@ class AdaLoRALayer(MergeableLayer):
     # ------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
+        routing = self.__dict__.get("peftlab_routing")
+        if routing is not None:
+            return routing.apply(self, out, x=x)
         for name in self.live_adapters():
             if self.held_rank(name):
                 out = out + self.update_output(name, x).to(out.dtype)
         return out
+
+    def route_refusal(self, name: str) -> str | None:
+        return "AdaLoRA on Conv2d has no per-row form" if isinstance(self, nn.Conv2d) else None
+
+    @torch.no_grad()
+    def routed_form(self, name: str) -> LowRankForm | None:
+        """``P diag(s E) Q``: a low-rank form with a per-rank scale (None where all is pruned)."""
+        if not self.held_rank(name):
+            return None
+        e = self.lora_E[name].reshape(-1) * self.adapter_state(name).scale
+        return LowRankForm(self.lora_A[name], self.lora_B[name], e)
 
     def update_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s * P diag(E) Q x``, factored: the scale and ``E`` multiply the r-wide intermediate

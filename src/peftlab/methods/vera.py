@@ -43,6 +43,7 @@ from peftlab.core.errors import ConfigError, TargetError
 from peftlab.core.layer import MergeableLayer
 from peftlab.core.method import FILE_PREFIX, Method, register
 from peftlab.core.targets import ALL_LINEAR, select, peft_targets
+from peftlab.methods._lowrank import LowRankForm
 
 __all__ = ["VeRA", "VeRALayer", "VeRAProjection", "projection_matrices"]
 
@@ -158,8 +159,21 @@ class VeRALayer(MergeableLayer):
         proj = self.vera_projection[name]
         return proj.vera_A[:, :d_in], proj.vera_B[:d_out]
 
+    def route_refusal(self, name: str) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def routed_form(self, name: str) -> LowRankForm:
+        """``(Lambda_b B) diag(lambda_d) A``: a low-rank form with a per-rank scale."""
+        lam_b, lam_d = self.vera_lambda_b[name], self.vera_lambda_d[name]
+        a, b = self._factors(name)
+        return LowRankForm(a.to(lam_d.dtype), lam_b[:, None] * b.to(lam_b.dtype), lam_d)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         out = super().forward(x, *args, **kwargs)
+        routing = self.__dict__.get("peftlab_routing")
+        if routing is not None:
+            return routing.apply(self, out, x=x)
         for name in self.live_adapters():
             lam_b, lam_d = self.vera_lambda_b[name], self.vera_lambda_d[name]
             a, b = self._factors(name)
