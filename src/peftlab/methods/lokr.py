@@ -85,7 +85,8 @@ peft's although the live tensors were 0.9 of peft's (benchmarks/lycoris_vs_peft.
 
 def _kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str) -> torch.Tensor:
     """``(W1 ⊗ W2) x`` per position as ``vec(W1 X W2^T)``, ``X``: the ``c x d`` view of ``x``'s
-    features (``W1``: ``a x c``, ``W2``: ``b x d``), ``CHUNK`` positions at a time into one output.
+    features (``W1``: ``a x c``, ``W2``: ``b x d``), ``CHUNK`` positions at a time into one output,
+    the intermediate in one buffer reused by every chunk.
 
     ``w2_first``: ``T = X W2^T`` (one product over the chunk's ``c`` rows), then ``W1 T`` (a batched
     product); ``w1_first``: ``S = W1 X``, then ``S W2^T``. The first product of each chunk is
@@ -96,21 +97,24 @@ def _kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str
     xs = x.reshape(-1, c, d)
     n = xs.shape[0]
     y = xs.new_empty(n, a, b)
+    k = min(n, CHUNK)
+    buf = xs.new_empty(k, b, c) if order == "w2_first" else xs.new_empty(k, a, d)
     for i in range(0, n, CHUNK):
         j = min(n, i + CHUNK)
         if order == "w2_first":
-            t = torch.matmul(w2, xs[i:j].mT).mT  # (positions, c, b): one mm over the chunk's rows, no copy
-            torch.bmm(w1.detach().expand(j - i, a, c), t, out=y[i:j])
+            t = torch.matmul(w2, xs[i:j].mT, out=buf[:j - i])  # T^T per position
+            torch.bmm(w1.detach().expand(j - i, a, c), t.mT, out=y[i:j])
         else:
-            s = torch.matmul(w1, xs[i:j]).view(-1, d)
-            torch.mm(s, w2.detach().t(), out=y[i:j].view(-1, b))
+            s = torch.matmul(w1, xs[i:j], out=buf[:j - i])
+            torch.mm(s.view(-1, d), w2.detach().t(), out=y[i:j].view(-1, b))
     return y.view(*x.shape[:-1], a * b)
 
 
 class _KronLinear(torch.autograd.Function):
     """:func:`_kron_linear` with a hand-written backward: keeps ``x``, ``W1`` and ``W2`` only (the
-    intermediate is recomputed, a chunk at a time) and forms every gradient chunk by chunk, so
-    training holds no per-position tensor beyond the layer's input, its output and ``dL/dx``."""
+    intermediate is recomputed, a chunk at a time) and forms every gradient chunk by chunk in
+    buffers reused by every chunk, so training holds no per-position tensor beyond the layer's
+    input, its output and ``dL/dx``, and allocates a handful of tensors per layer."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str) -> torch.Tensor:
@@ -129,30 +133,33 @@ class _KronLinear(torch.autograd.Function):
         gx = xs.new_empty(n, c, d) if need_x else None
         gw1 = w1.new_zeros(a, c) if need_w1 else None
         gw2 = w2.new_zeros(b, d) if need_w2 else None
+        k = min(n, CHUNK)
+        mid = xs.new_empty(k, c, b) if ctx.order == "w2_first" else xs.new_empty(k, a, d)  # T or S, then its gradient
+        prod = xs.new_empty(k, a, c) if need_w1 else None  # per-position terms of dL/dW1
         for i in range(0, n, CHUNK):
             j = min(n, i + CHUNK)
             m, xc, gc = j - i, xs[i:j], g[i:j]
+            h = mid[:m]
             if ctx.order == "w2_first":  # T = X W2^T, Y = W1 T
                 if gw1 is not None:
-                    t = torch.mm(xc.reshape(-1, d), w2.t()).view(m, c, b)
-                    gw1 += torch.bmm(gc, t.mT).sum(0)
-                    del t
+                    torch.mm(xc.reshape(-1, d), w2.t(), out=h.view(-1, b))
+                    gw1 += torch.bmm(gc, h.mT, out=prod[:m]).sum(0)
                 if gx is not None or gw2 is not None:
-                    gt = torch.bmm(w1.t().expand(m, c, a), gc).view(-1, b)  # dL/dT
+                    torch.bmm(w1.t().expand(m, c, a), gc, out=h)  # dL/dT
                     if gw2 is not None:
-                        gw2.addmm_(gt.t(), xc.reshape(-1, d))
+                        gw2.addmm_(h.view(-1, b).t(), xc.reshape(-1, d))
                     if gx is not None:
-                        torch.mm(gt, w2, out=gx[i:j].view(-1, d))
+                        torch.mm(h.view(-1, b), w2, out=gx[i:j].view(-1, d))
             else:  # S = W1 X, Y = S W2^T
                 g2 = gc.reshape(-1, b)
                 if gw2 is not None:
-                    gw2.addmm_(g2.t(), torch.bmm(w1.expand(m, a, c), xc).view(-1, d))
+                    gw2.addmm_(g2.t(), torch.bmm(w1.expand(m, a, c), xc, out=h).view(-1, d))
                 if gx is not None or gw1 is not None:
-                    gs = torch.mm(g2, w2).view(m, a, d)  # dL/dS
+                    torch.mm(g2, w2, out=h.view(-1, d))  # dL/dS
                     if gw1 is not None:
-                        gw1 += torch.bmm(gs, xc.mT).sum(0)
+                        gw1 += torch.bmm(h, xc.mT, out=prod[:m]).sum(0)
                     if gx is not None:
-                        torch.bmm(w1.t().expand(m, c, a), gs, out=gx[i:j])
+                        torch.bmm(w1.t().expand(m, c, a), h, out=gx[i:j])
         return (gx.view(x.shape) if gx is not None else None), gw1, gw2, None
 
 
