@@ -442,6 +442,48 @@ def test_recompute_gives_the_same_outputs_and_gradients():
     assert "recompute" not in OFT(recompute=True).to_config()  # peftlab only: peft's config stays peft's
 
 
+@pytest.mark.parametrize("terms", [3, 4, 5, 6, 7, 9])
+@pytest.mark.parametrize("b", [5, 8])
+def test_closed_form_series_backward_equals_autograd_through_the_naive_series(terms, b):
+    """``blocks_from``'s hand-written backward (reverse Horner, the skew-symmetry shortcut for
+    ``Q^2``) against autograd through explicit matrix powers in float64, odd and even ``m``."""
+    from peftlab.methods.oft import blocks_from
+
+    torch.manual_seed(terms)
+    vec = (torch.randn(3, b * (b - 1) // 2) * 0.2).requires_grad_(True)
+    up = torch.randn(3, b, b)
+    got = torch.autograd.grad((blocks_from(vec, b, True, terms) * up).sum(), vec)[0]
+    ref = vec.detach().double().requires_grad_(True)
+    naive = torch.stack([naive_rotation(ref[i], b, True, terms) for i in range(3)])
+    want = torch.autograd.grad((naive * up.double()).sum(), ref)[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_series_backward_takes_four_batched_products_for_the_default_terms():
+    """peft's default (5 terms): the backward recomputes ``Q^2`` and the inner Horner term and runs
+    two products per Horner step and one for ``Q^2`` (4 in all; autograd through the recomputed
+    series took 6), and a rotation of a layer input adds its own two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peftlab.methods.oft import blocks_from
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_)
+            return func(*args, **(kwargs or {}))
+
+    vec = (torch.randn(4, 28) * 0.1).requires_grad_(True)
+    rot = blocks_from(vec, 8, True, 5)
+    products = Products()
+    with products:
+        rot.backward(torch.randn(4, 8, 8))
+    assert products.count == 4 and vec.grad is not None
+
+
 def test_trains_after_a_forward_under_inference_mode():
     """The bench measures latency under torch.inference_mode before timing training steps: nothing
     cached by that forward may be an inference tensor that autograd later refuses."""

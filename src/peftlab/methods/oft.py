@@ -44,7 +44,6 @@ file could not load there.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import warnings
@@ -114,13 +113,39 @@ def project(vec: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(norm <= limit, vec.float(), vec.float() * (limit / norm.clamp_min(1e-30))).to(vec.dtype)
 
 
+def _coefficients(terms: int) -> list[int]:
+    """peft's series ``I + 2Q + ... + 2Q^(m-1) + Q^m`` (``m = max(3, terms - 1)``): ``c_0 .. c_m``, then a 0."""
+    m = max(3, terms - 1)
+    return [1] + [2] * (m - 1) + [1, 0]
+
+
+def _horner(q: torch.Tensor, q2: torch.Tensor, c: list[int], last: bool = True) -> list[torch.Tensor]:
+    """The Horner accumulators of ``sum_k c_k Q^k`` in ``Q^2`` with coefficients linear in ``Q``
+    (``A_j = c_2j I + c_2j+1 Q``), the innermost first and the series itself last (left out with
+    ``last=False``, for the backward pass): ``acc <- A_j + Q^2 acc`` for ``j`` downwards (one
+    ``baddbmm`` and a diagonal add each)."""
+    m = len(c) - 2
+    if m % 2 == 0:  # A_(m/2) = c_m I: its product with Q^2 is c_m Q^2
+        acc, j, diag = torch.add(q2 * c[m], q, alpha=c[m - 1]), m // 2 - 2, c[m - 2]
+    else:
+        acc, j, diag = q * c[m], m // 2 - 1, c[m - 1]
+    acc.diagonal(dim1=1, dim2=2).add_(diag)
+    accs = [acc]
+    while j >= (0 if last else 1):
+        acc = torch.baddbmm(q, q2, acc, beta=c[2 * j + 1])  # c_2j+1 Q + Q^2 acc ...
+        acc.diagonal(dim1=1, dim2=2).add_(c[2 * j])  # ... + c_2j I
+        accs.append(acc)
+        j -= 1
+    return accs
+
+
 def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     """The orthogonal blocks from skew-symmetric ``q`` (``(n, b, b)``), as peft computes them
     (see the module docstring for the two forms).
 
     The series ``sum_k c_k Q^k`` (``c = 1, 2, ..., 2, 1``) is evaluated by Horner's rule in ``Q^2``
-    with coefficients linear in ``Q`` (``A_j = c_2j I + c_2j+1 Q``): ``1 + floor(m / 2)`` batched
-    products instead of peft's ``m - 1`` (2 instead of 3 for the default), and fewer kept for backward.
+    (:func:`_horner`): ``1 + floor(m / 2)`` batched products instead of peft's ``m - 1`` (2 instead
+    of 3 for the default), and fewer kept for backward.
     """
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     if not neumann:
@@ -129,35 +154,53 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
         return eye.expand_as(q).clone()
     if terms == 2:
         return torch.add(eye, q, alpha=2)
-    m = max(3, terms - 1)
-    c = [1] + [2] * (m - 1) + [1, 0]
+    return _horner(q, torch.bmm(q, q), _coefficients(terms))[-1]
 
-    def a(j: int) -> torch.Tensor:
-        return torch.add(eye * c[2 * j], q, alpha=c[2 * j + 1])
 
+def _series_backward(q: torch.Tensor, grad: torch.Tensor, terms: int) -> torch.Tensor:
+    """The series' backward in closed form: for ``grad = dL/dR``, ``R = sum_k c_k Q^k``, a ``Z`` whose
+    skew part is that of ``dL/dQ`` (all that reaches the parameter: ``Q = U - U^T``).
+
+    Reverse Horner: each step ``acc' = A_j + Q^2 acc`` adds ``c_2j+1 g`` to ``dL/dQ`` and
+    ``g acc^T`` to ``G2 = dL/dQ^2``, and passes ``(Q^2)^T g`` on. The product ``Q^2 = Q Q`` then adds
+    ``G2 Q^T + Q^T G2``; with ``Q^T = -Q`` its skew part is that of ``-(G2 + G2^T) Q``: one batched
+    product instead of two. 4 batched products in all for the default 5 terms (with recomputing
+    ``Q^2``; the inner accumulators need none), where autograd through the recomputed series took 6."""
+    c = _coefficients(terms)
+    m = len(c) - 2
     q2 = torch.bmm(q, q)
-    if m % 2 == 0:  # A_(m/2) = c_m I: its product with Q^2 is c_m Q^2
-        acc, j = torch.add(a(m // 2 - 1), q2, alpha=c[m]), m // 2 - 2
-    else:
-        acc, j = a(m // 2), m // 2 - 1
-    while j >= 0:
-        acc = torch.baddbmm(a(j), q2, acc)
-        j -= 1
-    return acc
+    accs = _horner(q, q2, c, last=False)
+    g = grad
+    gq = torch.zeros_like(q)
+    gq2 = torch.zeros_like(q)
+    j = 0
+    for k in range(len(accs), 0, -1):  # acc_k = A_j + Q^2 acc_(k-1) (acc_len(accs): the series)
+        gq.add_(g, alpha=c[2 * j + 1])
+        gq2.baddbmm_(g, accs[k - 1].mT)
+        g = torch.bmm(q2.mT, g)
+        j += 1
+    if m % 2 == 0:  # accs[0] = c_(m-1) Q + c_m Q^2 + c_(m-2) I
+        gq.add_(g, alpha=c[m - 1])
+        gq2.add_(g, alpha=c[m])
+    else:  # accs[0] = c_m Q + c_(m-1) I
+        gq.add_(g, alpha=c[m])
+    return gq.baddbmm_(gq2 + gq2.mT, q, alpha=-1)
 
 
 def blocks_from(vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor:
     """``cayley(skew(vec))`` in fp32 (never under autocast), differentiable in ``vec``, keeping only
     ``vec`` for the backward pass: the powers of ``Q`` (or the exact form's factorisation) are
     recomputed there, which costs ``r b^3`` flops per layer instead of holding several
-    ``(r, b, b)`` tensors per layer through the whole forward pass."""
+    ``(r, b, b)`` tensors per layer through the whole forward pass. The series (3 terms or more)
+    has a closed-form backward (:func:`_series_backward`); the other forms go through autograd."""
     return _Blocks.apply(vec, b, neumann, terms)
 
 
 def _blocks(vec: torch.Tensor, b: int, neumann: bool, terms: int) -> torch.Tensor:
     kind = vec.device.type
-    off = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
-    with off:  # (the meta device has no autocast)
+    if kind == "meta" or not torch.is_autocast_enabled(kind):  # (the meta device has no autocast)
+        return cayley(skew(vec.float(), b), neumann, terms)
+    with torch.autocast(kind, enabled=False):
         return cayley(skew(vec.float(), b), neumann, terms)
 
 
@@ -171,6 +214,12 @@ class _Blocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (vec,) = ctx.saved_tensors
+        b, neumann, terms = ctx.settings
+        if neumann and terms >= 3:  # dL/dvec: the upper triangle of Z - Z^T
+            z = _series_backward(skew(vec.detach().float(), b), grad.float(), terms)
+            upper = _upper(b, vec.device)
+            gu = (z - z.mT).reshape(z.shape[0], b * b)
+            return gu.index_select(1, upper).to(vec.dtype), None, None, None
         with torch.enable_grad():
             v = vec.detach().requires_grad_(True)
             (out,) = torch.autograd.grad(_blocks(v, *ctx.settings), v, grad)
