@@ -85,24 +85,26 @@ def adjust_blocks(d: int, wanted: int) -> int:
     return lower if wanted - lower <= higher - wanted else higher
 
 
-_TRIU: dict[tuple[int, str], torch.Tensor] = {}
+_TRIU: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _upper(b: int, device: torch.device) -> torch.Tensor:
-    """Flat positions ``i * b + j`` (``i < j``, row-major: peft's ``triu_indices`` order) of a ``b x b`` block."""
+def _triangles(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions ``i * b + j`` (``i < j``, row-major: peft's ``triu_indices`` order) of a
+    ``b x b`` block's upper triangle, and their mirrors ``j * b + i``."""
     key = (b, str(device))
     if key not in _TRIU:
         with torch.inference_mode(False):  # a cached tensor made under inference_mode could not enter autograd later
             rows, cols = torch.triu_indices(b, b, 1, device=device)
-            _TRIU[key] = rows * b + cols
+            _TRIU[key] = (rows * b + cols, cols * b + rows)
     return _TRIU[key]
 
 
 def skew(vec: torch.Tensor, b: int) -> torch.Tensor:
-    """``(n, b(b-1)/2)`` upper-triangle entries -> ``(n, b, b)`` skew-symmetric ``Q = U - U^T``."""
-    flat = vec.new_zeros(vec.shape[0], b * b).index_copy(1, _upper(b, vec.device), vec)
-    q = flat.view(-1, b, b)
-    return q - q.transpose(1, 2)
+    """``(n, b(b-1)/2)`` upper-triangle entries -> ``(n, b, b)`` skew-symmetric ``Q = U - U^T``
+    (written by two scatters into zeros: no elementwise pass over a transposed block)."""
+    upper, lower = _triangles(b, vec.device)
+    flat = vec.new_zeros(vec.shape[0], b * b).index_copy_(1, upper, vec).index_copy_(1, lower, -vec)
+    return flat.view(-1, b, b)
 
 
 def project(vec: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,11 +126,11 @@ def _horner(q: torch.Tensor, q2: torch.Tensor, c: list[int], last: bool = True) 
     (``A_j = c_2j I + c_2j+1 Q``), the innermost first and the series itself last (left out with
     ``last=False``, for the backward pass): ``acc <- A_j + Q^2 acc`` for ``j`` downwards (one
     ``baddbmm`` and a diagonal add each)."""
-    m = len(c) - 2
-    if m % 2 == 0:  # A_(m/2) = c_m I: its product with Q^2 is c_m Q^2
-        acc, j, diag = torch.add(q2 * c[m], q, alpha=c[m - 1]), m // 2 - 2, c[m - 2]
+    m = len(c) - 2  # (c_m = 1)
+    if m % 2 == 0:  # A_(m/2) = c_m I: its product with Q^2 is Q^2
+        acc, j, diag = torch.add(q2, q, alpha=c[m - 1]), m // 2 - 2, c[m - 2]
     else:
-        acc, j, diag = q * c[m], m // 2 - 1, c[m - 1]
+        acc, j, diag = q.clone(), m // 2 - 1, c[m - 1]
     acc.diagonal(dim1=1, dim2=2).add_(diag)
     accs = [acc]
     while j >= (0 if last else 1):
@@ -147,14 +149,14 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     (:func:`_horner`): ``1 + floor(m / 2)`` batched products instead of peft's ``m - 1`` (2 instead
     of 3 for the default), and fewer kept for backward.
     """
+    if neumann and terms >= 3:
+        return _horner(q, torch.bmm(q, q), _coefficients(terms))[-1]
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     if not neumann:
         return torch.linalg.solve(eye + q, eye - q)  # (I + Q)^-1 (I - Q) = (I - Q)(I + Q)^-1
     if terms <= 1:
         return eye.expand_as(q).clone()
-    if terms == 2:
-        return torch.add(eye, q, alpha=2)
-    return _horner(q, torch.bmm(q, q), _coefficients(terms))[-1]
+    return torch.add(eye, q, alpha=2)
 
 
 def _series_backward(q: torch.Tensor, grad: torch.Tensor, terms: int) -> torch.Tensor:
@@ -217,9 +219,9 @@ class _Blocks(torch.autograd.Function):
         b, neumann, terms = ctx.settings
         if neumann and terms >= 3:  # dL/dvec: the upper triangle of Z - Z^T
             z = _series_backward(skew(vec.detach().float(), b), grad.float(), terms)
-            upper = _upper(b, vec.device)
-            gu = (z - z.mT).reshape(z.shape[0], b * b)
-            return gu.index_select(1, upper).to(vec.dtype), None, None, None
+            upper, lower = _triangles(b, vec.device)
+            flat = z.reshape(z.shape[0], b * b)
+            return (flat.index_select(1, upper) - flat.index_select(1, lower)).to(vec.dtype), None, None, None
         with torch.enable_grad():
             v = vec.detach().requires_grad_(True)
             (out,) = torch.autograd.grad(_blocks(v, *ctx.settings), v, grad)
