@@ -11,7 +11,8 @@ adapter, computed for all the batch's adapters together:
   MLP), the forms are stacked once per tile (``(tiles, ...)`` tensors), and the update of every
   tile is a few batched matrix products (``torch.bmm``) over a gathered ``(tiles, tile rows x
   positions, features)`` view of the input;
-* the updates of the real (unpadded) rows are added to the base output with one ``index_add``.
+* each row reads its own slot of the tiles' updates back (one ``index_select``; rows of the base
+  model or of adapters absent at the layer read a zero slot) and adds it to the base output.
 
 The number of kernels per layer does not grow with the number of adapters. Each layer's adapters
 are stacked once (one copy of their weights, padded to the largest rank or width, kept outside
@@ -78,10 +79,10 @@ class _Group:
     static: dict[str, Any]
     tile_rows: torch.Tensor
     """``(tiles * t,)`` row index of every tile slot (padding slots repeat a real row)."""
-    valid: torch.Tensor
-    """``(tiles * t,)`` True where the slot is a real row."""
-    rows: torch.Tensor
-    """The real rows, in slot order."""
+    inverse: torch.Tensor
+    """``(rows,)`` each row's slot (rows outside the group: the zero slot after the tiles)."""
+    partial: bool
+    """Whether some rows are outside the group (and read the zero slot)."""
     tiles: int
 
 
@@ -155,7 +156,7 @@ class Routing:
     names: tuple[str | None, ...]
     _plans: dict[tuple[int, int], list[_Group] | None] = field(default_factory=dict, repr=False)
     _rows: dict[int, dict[str, list[int]]] = field(default_factory=dict, repr=False)
-    _tiles: dict[tuple, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int]] = \
+    _tiles: dict[tuple, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, bool, int]] = \
         field(default_factory=dict, repr=False)
     """Tile plans by (stack names, rows, device): layers holding the same adapters share one."""
 
@@ -198,15 +199,16 @@ class Routing:
             return out
         d_out = out.shape[-1]
         flat = out.reshape(n, -1, d_out)
-        positions = flat.shape[1]
         for g in groups:
             def gather(t: torch.Tensor, g: _Group = g) -> torch.Tensor:
                 t = t.reshape(n, -1, t.shape[-1])
                 return t.index_select(0, g.tile_rows).reshape(g.tiles, -1, t.shape[-1])
 
             delta = g.form.apply(g.per_tile, g.static, gather, {"out": out, **inputs})
-            delta = delta.reshape(-1, positions, d_out)[g.valid]
-            flat = flat.index_add(0, g.rows, delta.to(flat.dtype))
+            delta = delta.reshape(-1, flat.shape[1], d_out).to(flat.dtype)
+            if g.partial:
+                delta = torch.cat([delta, delta.new_zeros(1, *delta.shape[1:])])
+            flat = flat + delta.index_select(0, g.inverse)  # each row's own slot: a gather, no scatter
         return flat.view(out.shape)
 
     def _plan(self, layer: nn.Module, n_rows: int, device: torch.device) -> list[_Group] | None:
@@ -219,32 +221,36 @@ class Routing:
             key = (stack.names, n_rows, device)
             if key not in self._tiles:
                 self._tiles[key] = self._tile(stack.names, {a: r for a, r in rows_of.items() if a in stack.names},
-                                              device)
-            where, index, slots, valid, tiles = self._tiles[key]
+                                              n_rows, device)
+            where, index, slots, inverse, partial, tiles = self._tiles[key]
             if not tiles:
                 continue
             if where == list(range(len(stack.names))):
                 per_tile = stack.per_tile
             else:  # the batch's tiles only: one copy of their weights for this batch
                 per_tile = {k: v.index_select(0, index) for k, v in stack.per_tile.items()}
-            groups.append(_Group(stack.form, per_tile, stack.static, slots, valid, slots[valid], tiles))
+            groups.append(_Group(stack.form, per_tile, stack.static, slots, inverse, partial, tiles))
         return groups
 
 
     @staticmethod
-    def _tile(names: tuple[str, ...], rows_of: dict[str, list[int]], device: torch.device
-              ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``(stack position of each tile, the same as a tensor, slot rows, valid slots, tiles)``;
-        tiles follow the stack's order, so a batch holding every adapter once is the stack itself."""
+    def _tile(names: tuple[str, ...], rows_of: dict[str, list[int]], n_rows: int, device: torch.device
+              ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
+        """``(stack position of each tile, the same as a tensor, slot rows, each row's slot, whether
+        some rows have none, tiles)``; tiles follow the stack's order, so a batch holding every
+        adapter once is the stack itself."""
         owners, chunks, t = tile(rows_of, names)
         where = [names.index(o) for o in owners]
-        slots, valid = [], []
-        for chunk in chunks:
+        slots: list[int] = []
+        inverse = [len(chunks) * t] * n_rows  # the zero slot
+        for i, chunk in enumerate(chunks):
+            for j, row in enumerate(chunk):
+                inverse[row] = i * t + j
             slots += chunk + [chunk[0]] * (t - len(chunk))
-            valid += [True] * len(chunk) + [False] * (t - len(chunk))
+        partial = any(v == len(chunks) * t for v in inverse)
         return (where, torch.tensor(where, device=device, dtype=torch.long),
-                torch.tensor(slots, device=device, dtype=torch.long), torch.tensor(valid, device=device, dtype=torch.bool),
-                len(owners))
+                torch.tensor(slots, device=device, dtype=torch.long),
+                torch.tensor(inverse, device=device, dtype=torch.long), partial, len(owners))
 
 
 def refusal(layer: nn.Module, name: str) -> str | None:
