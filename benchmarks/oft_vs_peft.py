@@ -17,16 +17,20 @@ reported: the bytes autograd keeps for the backward pass of one forward (determi
 
     PYTHONPATH=src python benchmarks/oft_vs_peft.py [--model smollm2-135m] [--layers 0] [--steps 6] [--batch 4]
 
-Measured (SmolLM2-135M, first 10 blocks, batch 4 x 64, 2 threads; results/oft_vs_peft*.json):
-default (``recompute=True``): peak RSS rise 0.968 of peft's (503 vs 520 MiB), kept for backward
-0.89, step time 1.03 (median 0.611 vs 0.591 s; 1.01 in a three-way A/B run); ``--no-recompute``:
-step time 0.99 (median 0.508 vs 0.512 s), peak 0.9997 (519.3 vs 519.4 MiB), kept for backward 0.997. Outputs agree to 8e-5 on logits (the series' summation order differs).
+Measured (SmolLM2-135M, first 10 blocks, batch 4 x 64; results/oft_vs_peft*.json), with the
+closed-form backward of the series: default (``recompute=True``), 1 thread on a 2-core machine
+shared with other jobs (load average 4-5), two runs: step time 0.979 and 0.994 of peft's (medians
+1.976 vs 2.018 s and 1.914 vs 1.925 s), peak RSS rise 0.965 and 0.968 (495-497 vs 513 MiB), kept
+for backward 0.89. Before it (autograd through the recomputed series) the default was 1.01-1.03
+of peft's step time at 2 threads; ``--no-recompute`` then gave 0.99 (median 0.508 vs 0.512 s), peak
+0.9997. Outputs agree to 8e-5 on logits (the series' summation order differs).
 
 Where peftlab differs (src/peftlab/methods/oft.py): the series is evaluated by Horner's rule in
 ``Q^2`` (2 batched ``b x b`` products per layer instead of 3); with ``recompute=True`` (default) in a function
-whose backward recomputes it from the parameter, so no ``(r, b, b)`` powers of ``Q`` stay alive per
-layer through the forward pass (peft keeps ``Q``, ``Q^2``, ``Q^3``); the input rotation keeps a
-view of the input, as peft's einsum does.
+that keeps only the parameter and whose backward is the series' closed-form gradient (reverse
+Horner: 4 batched products, recomputing ``Q^2``; peft's autograd runs 6 and keeps ``Q``, ``Q^2``,
+``Q^3`` per layer through the forward pass); the input rotation keeps a view of the input, as
+peft's einsum does.
 """
 
 from __future__ import annotations

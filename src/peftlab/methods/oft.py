@@ -464,10 +464,11 @@ class OFT(Method):
     init_weights: bool = True
     """True: ``Q = 0`` (the identity); False: random ``Q`` (std 0.1; not the base at init)."""
     recompute: bool = True
-    """peftlab only (kept out of peft's config): keep only the parameter for backward and recompute
-    the series there (:func:`blocks_from`): 0.97 of peft's peak memory on SmolLM2 (10 blocks, 4 x 64
-    tokens) at 1.01-1.03 of its step time; False keeps ``Q``, ``Q^2`` and the Horner term (as much as
-    peft keeps) at 0.99 of peft's step time."""
+    """peftlab only (kept out of peft's config): keep only the parameter for backward, where the
+    series' gradient is computed in closed form (:func:`blocks_from`): 0.97 of peft's peak memory on
+    SmolLM2 (10 blocks, 4 x 64 tokens) at 0.98-0.99 of its step time (benchmarks/oft_vs_peft.py);
+    False keeps ``Q``, ``Q^2`` and the Horner term (as much as peft keeps) and backpropagates
+    through them with autograd."""
 
     peft_type: ClassVar[str | None] = "OFT"
     mergeable: ClassVar[bool] = True
