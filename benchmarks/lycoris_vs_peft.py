@@ -7,11 +7,14 @@ perturbed away from the identity init, copied into peft's), their outputs are co
 take steps in rotating order (forward + backward + AdamW step + zero_grad), so slow drifts of a
 shared machine hit both alike; medians and ratios are reported.
 
-Memory: a fresh process per (method, implementation) builds the same model, takes the same steps
-and reports (a) the growth of its peak resident set over the steps (``ru_maxrss``, CPU) and (b) the
-bytes autograd keeps for the backward pass in one training forward (distinct storages, parameters
-excluded): the deterministic part of that peak. (The peak is reset to the resident set after the
-model is built: ``/proc/self/clear_refs``; Linux only.)
+Memory: a fresh process per (method, implementation, allocator setting, repetition; ``--mem-reps``,
+alternating) builds the same model, takes the same steps and reports (a) the growth of its peak
+resident set over the steps (``VmHWM``, CPU) and (b) the bytes autograd keeps for the backward
+pass in one training forward (distinct storages, parameters excluded): the deterministic part of
+that peak. (The peak is reset to the resident set after the model is built:
+``/proc/self/clear_refs``; Linux only.) Each is run under glibc's default allocator (what a user
+gets: the peak includes the heap's fragmentation, which scatters by tens of MiB from run to run)
+and with ``MALLOC_MMAP_THRESHOLD_=65536`` (the live peak, as in oft_vs_peft.py).
 
 Model: by default a Llama with SmolLM2-135M's widths (hidden 576, MLP 1536, 9 heads, 3 KV heads)
 and 4 of its 30 layers, random weights, fp32 on the CPU; ``--model smollm2-135m`` takes the
@@ -25,12 +28,22 @@ Measured (benchmarks/results/loha_vs_peft.json, lokr_vs_peft.json): batch 4 x 12
 
     method  step time peftlab/peft (medians)   peak RSS growth          kept for backward
     loha    0.744 s / 1.345 s = 0.55           200 / 279 MiB = 0.72     99 / 138 MiB = 0.72
-    lokr    0.754 s / 1.259 s = 0.60           220 / 243 MiB = 0.90     86 / 138 MiB = 0.62
 
 At batch 4 x 512 (*_vs_peft_seq512.json, 4 timed steps): loha 0.65 of peft's step time, 0.92 of
-its peak and of what it keeps; lokr 0.65 of the step time and 0.87 of what it keeps, but 1.09-1.2
-of peft's peak RSS growth (three runs): the backward pass's transients of the per-position
-products (several batch x d_in tensors per layer) outweigh the d_out x d_in update peft keeps.
+its peak and of what it keeps.
+
+LoKr with the chunked factored form (``_KronLinear``, 256 positions a chunk), two runs each
+(lokr_vs_peft*.json, 1 thread, load average 3.5-6), peak RSS growth: median of 2 workers per run,
+glibc's default allocator / ``MALLOC_MMAP_THRESHOLD_=65536``:
+
+    tokens  step time           peak, glibc default               live peak                kept
+    512     0.566, 0.538        0.797, 0.749 (187-197 / 233-252)  0.696, 0.696 (118 / 170)  0.625
+    2048    0.604, 0.616        0.983, 1.044 (666-695 / 636-707)  0.891, 0.892 (424 / 476)  0.869
+
+(Before: 0.60 / 0.90 at 512 tokens and 0.65 / 1.09-1.2 at 2048, where the unchunked backward's
+odd-sized per-position transients fragmented the heap; the live peak was 0.89 at 2048 already.)
+At 2048 tokens under glibc's default allocator the two are level within the scatter of peft's
+own runs (636-707 MiB); the live peak is 0.89 of peft's.
 """
 
 from __future__ import annotations
@@ -165,17 +178,34 @@ def timing(method: str, args: argparse.Namespace) -> dict[str, Any]:
             "step_time_ratio_peftlab_over_peft": med["peftlab"] / med["peft"]}
 
 
+ALLOCATORS = {"glibc_default": {}, "mmap_64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+"""Each memory worker runs under glibc's default allocator (what a user gets: freed blocks stay in the
+heap, so the peak resident set includes its fragmentation) and with ``MALLOC_MMAP_THRESHOLD_=65536``
+(tensors above 64 KiB are mapped and unmapped one by one: the peak is the live peak, as in
+oft_vs_peft.py)."""
+
+
 def memory(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``--mem-reps`` workers per implementation and allocator, alternating; medians and all values."""
     out: dict[str, Any] = {}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    for impl in ("peft", "peftlab"):
-        cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--method", method, "--model", args.model,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads), "--r", str(args.r),
-               "--memory-steps", str(args.memory_steps)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-        out[impl] = json.loads(res.stdout.strip().splitlines()[-1])
-    for key in ("peak_rss_growth_mib", "saved_for_backward_mib"):
-        out[f"{key}_ratio_peftlab_over_peft"] = out["peftlab"][key] / out["peft"][key]
+    base_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    for alloc, extra in ALLOCATORS.items():
+        runs: dict[str, list[dict[str, float]]] = {"peft": [], "peftlab": []}
+        for _ in range(args.mem_reps):
+            for impl in runs:
+                cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--method", method, "--model", args.model,
+                       "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+                       "--r", str(args.r), "--memory-steps", str(args.memory_steps)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env={**base_env, **extra}, check=True)
+                runs[impl].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        block: dict[str, Any] = {}
+        for impl, rows in runs.items():
+            peaks = [r["peak_rss_growth_mib"] for r in rows]
+            block[impl] = {"peak_rss_growth_mib": statistics.median(peaks), "peak_rss_growth_mib_runs": peaks,
+                           "saved_for_backward_mib": rows[0]["saved_for_backward_mib"]}
+        for key in ("peak_rss_growth_mib", "saved_for_backward_mib"):
+            block[f"{key}_ratio_peftlab_over_peft"] = block["peftlab"][key] / block["peft"][key]
+        out[alloc] = block
     return out
 
 
@@ -187,6 +217,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--mem-reps", type=int, default=3, help="memory workers per implementation and allocator")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)

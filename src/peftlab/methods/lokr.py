@@ -21,9 +21,11 @@ multiply-adds per token (or the mirror order, ``d_in a + d_out d``) instead of `
 convolution, ``W2``'s convolution runs on the ``c`` channel groups as a batch and ``W1`` mixes the
 groups (channel mixing commutes with zero padding, stride and dilation). The layer takes the
 cheapest of the two orders and forming ``delta W`` (which it does for grouped convolutions and
-``nn.Conv1d``, as peft always does). On a linear layer the per-position intermediate is recomputed
-in the backward pass, so training keeps the layer's input only (peft keeps ``delta W`` and the
-input). Tensor names and the config follow peft's.
+``nn.Conv1d``, as peft always does). On a linear layer the form is one autograd function
+(``_KronLinear``) that keeps the layer's input only (peft keeps ``delta W`` and the input),
+recomputes the per-position intermediate in its backward pass and works ``CHUNK`` positions at a
+time in buffers reused by every chunk, so that no per-position transient outlives a chunk.
+Tensor names and the config follow peft's.
 """
 
 from __future__ import annotations
@@ -260,8 +262,8 @@ class LoKrLayer(LycorisLayer):
         x = x.to(w1.dtype)
         if isinstance(self, nn.Linear):
             if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
-                # the intermediate (in_m x out_k per position) is recomputed in the backward pass, so
-                # training keeps only the layer's input, as the dense form does, but never delta W
+                # keeps only the layer's input (as the dense form does, but never delta W); the
+                # intermediate is recomputed, a chunk of positions at a time, in the backward pass
                 y = _KronLinear.apply(x, w1, w2, order)
             else:
                 y = _kron_linear(x, w1, w2, order)
