@@ -21,7 +21,9 @@ Measured (SmolLM2-135M, first 10 blocks, batch 4 x 64; results/oft_vs_peft*.json
 closed-form backward of the series: default (``recompute=True``), 1 thread on a 2-core machine
 shared with other jobs (load average 4-5), two runs: step time 0.979 and 0.994 of peft's (medians
 1.976 vs 2.018 s and 1.914 vs 1.925 s), peak RSS rise 0.965 and 0.968 (495-497 vs 513 MiB), kept
-for backward 0.89. Before it (autograd through the recomputed series) the default was 1.01-1.03
+for backward 0.89. At the default 2 threads on that oversubscribed machine single steps took 1.1 to
+23 s (*_threads2*.json): 0.81 and 0.96 of peft's step time, too scattered to rank; peak 0.965 and
+0.968. Before it (autograd through the recomputed series) the default was 1.01-1.03
 of peft's step time at 2 threads; ``--no-recompute`` then gave 0.99 (median 0.508 vs 0.512 s), peak
 0.9997. Outputs agree to 8e-5 on logits (the series' summation order differs).
 
