@@ -84,6 +84,8 @@ class _Group:
     partial: bool
     """Whether some rows are outside the group (and read the zero slot)."""
     tiles: int
+    in_order: bool
+    """The slots are the rows ``0..N-1`` in order: no gather either way."""
 
 
 def tile(rows_of: dict[str, list[int]], order: Sequence[str]) -> tuple[list[str], list[list[int]], int]:
@@ -186,7 +188,8 @@ class Routing:
         return out
 
     def apply(self, layer: nn.Module, out: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
-        """``out`` (the layer's output so far, features last) plus each routed row's update."""
+        """``out`` (the layer's output so far, features last) plus each routed row's update, added
+        in place (inference: nothing keeps ``out`` for a backward pass)."""
         if torch.is_grad_enabled():
             raise AdapterStateError("mixed-adapter batches are for inference: run them under torch.inference_mode() "
                                     "or torch.no_grad() (generate() does)")
@@ -202,13 +205,18 @@ class Routing:
         for g in groups:
             def gather(t: torch.Tensor, g: _Group = g) -> torch.Tensor:
                 t = t.reshape(n, -1, t.shape[-1])
+                if g.in_order:
+                    return t.reshape(g.tiles, -1, t.shape[-1])
                 return t.index_select(0, g.tile_rows).reshape(g.tiles, -1, t.shape[-1])
 
             delta = g.form.apply(g.per_tile, g.static, gather, {"out": out, **inputs})
             delta = delta.reshape(-1, flat.shape[1], d_out).to(flat.dtype)
+            if g.in_order:  # the tiles are the rows as they are
+                flat.add_(delta)
+                continue
             if g.partial:
                 delta = torch.cat([delta, delta.new_zeros(1, *delta.shape[1:])])
-            flat = flat + delta.index_select(0, g.inverse)  # each row's own slot: a gather, no scatter
+            flat.add_(delta.index_select(0, g.inverse))  # each row's own slot: a gather, no scatter
         return flat.view(out.shape)
 
     def _plan(self, layer: nn.Module, n_rows: int, device: torch.device) -> list[_Group] | None:
@@ -229,7 +237,9 @@ class Routing:
                 per_tile = stack.per_tile
             else:  # the batch's tiles only: one copy of their weights for this batch
                 per_tile = {k: v.index_select(0, index) for k, v in stack.per_tile.items()}
-            groups.append(_Group(stack.form, per_tile, stack.static, slots, inverse, partial, tiles))
+            in_order = not partial and slots.shape[0] == n_rows and bool(
+                (slots == torch.arange(n_rows, device=device)).all())
+            groups.append(_Group(stack.form, per_tile, stack.static, slots, inverse, partial, tiles, in_order))
         return groups
 
 
