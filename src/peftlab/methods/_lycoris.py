@@ -137,7 +137,9 @@ class LycorisLayer(MergeableLayer):
             rows: float | torch.Tensor = s.scaling
             if self.training and s.rank_dropout:
                 rows = self._rank_mask(s) * s.scaling
-            out = out + self.update(name, x, rows).to(out.dtype)
+            # in place: the base layer's output is fresh and its backward does not need it (one
+            # output-sized temporary less per layer)
+            out = out.add_(self.update(name, x, rows).to(out.dtype))
         return out
 
     def _rank_mask(self, s: Settings) -> torch.Tensor:
