@@ -162,11 +162,6 @@ class Routing:
         field(default_factory=dict, repr=False)
     """Tile plans by (stack names, rows, device): layers holding the same adapters share one."""
 
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        """The distinct adapters of the batch, in order of first appearance."""
-        return tuple(dict.fromkeys(n for n in self.names if n is not None))
-
     def rows_of(self, n_rows: int) -> dict[str, list[int]]:
         """``{adapter: rows}`` of a tensor with ``n_rows`` leading rows (a multiple of the batch)."""
         if n_rows not in self._rows:
