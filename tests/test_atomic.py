@@ -101,9 +101,12 @@ def test_a_save_killed_at_any_instant_leaves_exactly_one_version(tmp_path, mode)
     began = time.perf_counter()
     _version(writer, d, 1)
     one_save = time.perf_counter() - began  # the kill window scales with it: a loaded machine saves slower
-    last, rounds, mid_save, changed = 1, 30, 0, 0
+    last, r, mid_save, changed = 1, 0, 0, 0
     rng = random.Random(0)
-    for r in range(1, rounds + 1):
+    # at least 30 kills, and more (up to 150) until three of them have landed inside a save:
+    # where a kill lands is up to the scheduler, so a fixed count of rounds can miss the window
+    while r < 30 or (mid_save < 3 and r < 150):
+        r += 1
         start = 1000 * r
 
         def loop(start=start):
@@ -119,9 +122,9 @@ def test_a_save_killed_at_any_instant_leaves_exactly_one_version(tmp_path, mode)
         changed += v != last
         last = v
         assert _leftovers(d) == [], "load did not clean what the killed writer left"
-    print(f"{mode}: {rounds} kills, {changed} after a new version, {mid_save} inside a save")
+    print(f"{mode}: {r} kills, {changed} after a new version, {mid_save} inside a save")
     # the kills landed both between and inside saves
-    assert changed >= rounds // 3 and mid_save >= 3, (changed, mid_save)
+    assert changed >= 10 and mid_save >= 3, (r, changed, mid_save)
 
 
 # ----------------------------------------------------------------------------- reader vs writer

@@ -186,9 +186,14 @@ def test_tiny_llama_never_converts(
 
     monkeypatch.setattr(models, "_convert_smollm2", forbidden)
     model, tokenizer = models.load(name)
-    assert tokenizer is None  # no cache yet: no tokenizer rather than a slow conversion
-    assert not cache_root.exists()
-    assert model.config.pad_token_id == 2
+    # SmolLM2's tokenizer, read out of the GGUF alone into a tokenizer-only cache
+    assert tokenizer is not None and len(tokenizer) == model.config.vocab_size == 49152
+    assert tokenizer.pad_token == "<|im_end|>" and tokenizer.pad_token_id == model.config.pad_token_id == 2
+    assert tokenizer("hello world").input_ids == [28120, 905]
+    assert not models.smollm2_cache_dir().exists()
+    assert [p.name for p in cache_root.iterdir()] == [models.SMOLLM2_TOKENIZER_CACHE_NAME]
+    again, tokenizer2 = models.load(name)  # from the cache now
+    assert tokenizer2 is not None and tokenizer2("hello world").input_ids == [28120, 905]
 
 
 # --------------------------------------------------------------------------- minilm

