@@ -140,6 +140,8 @@ def open_files(directory: Path, names: tuple[str, ...], limits: dict[str, int | 
         try:
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
+            if (leftovers(directory) or os.path.lexists(directory)) and time.monotonic() < deadline:
+                continue  # a live writer swapped it after settle looked (or is swapping): settle waits for it
             raise AdapterFileError(f"{directory} does not exist; pass the folder that holds the adapter") from None
         except NotADirectoryError:
             raise AdapterFileError(f"{directory} is not a directory; pass the folder that holds the adapter "
