@@ -24,7 +24,7 @@ input), peft given the same modules.
 
     PYTHONPATH=src python benchmarks/ia3_vs_peft.py [--steps 20] [--rounds 3] [--batch 4] [--seq 128]
 
-``benchmarks/vera_vs_peft.py`` runs the same harness for VeRA.
+``benchmarks/vera_vs_peft.py`` and ``benchmarks/boft_vs_peft.py`` run the same harness for VeRA and BOFT.
 
 Measured (benchmarks/results/ia3_vs_peft.json; 4 layers, batch 4 x 128, 2 threads, 16 steps, 3
 memory rounds; a shared 2-core machine, load average 5.6-7.8):
@@ -88,6 +88,16 @@ def attach(model: torch.nn.Module, impl: str, method: str, recompute: bool = Fal
         import peftlab
 
         peftlab.attach(model, "vera", recompute=recompute)  # r=256 on all linear layers
+        return model
+    if method == "boft":  # one butterfly factor: what peft computes without its CUDA extension (any CPU)
+        if impl == "peft":
+            import peft
+
+            return peft.get_peft_model(model, peft.BOFTConfig(boft_block_size=32, boft_n_butterfly_factor=1,
+                                                              target_modules="all-linear"))
+        import peftlab
+
+        peftlab.attach(model, "boft", block_size=32, n_butterfly_factor=1)  # all linear layers
         return model
     raise ValueError(method)
 

@@ -108,6 +108,11 @@ METHOD_EXAMPLES: dict[str, dict[str, dict]] = {
                       "bias": "oft_only", "modules_to_save": ["classifier"]},
         "tiny-gpt2": {"block_size": 4, "target_modules": ["wpe"], "cayley_neumann": False, "block_share": True},
     },
+    "boft": {  # peft's BOFT adapts no Conv1D (nor embeddings): GPT-2 has no layer for it
+        "tiny-llama": {"block_size": 4, "n_butterfly_factor": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "tiny-bert": {"block_num": 4, "block_size": 0, "n_butterfly_factor": 3, "target_modules": ["query", "value"],
+                      "bias": "boft_only", "dropout": 0.25, "modules_to_save": ["classifier"]},
+    },
     "loha": {  # GPT-2's Conv1D is refused (peft's LoHa does not adapt it)
         "tiny-llama": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
                        "rank_pattern": {"down_proj": 2}},

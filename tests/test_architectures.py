@@ -85,6 +85,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("gpt2", "qlora"): _QLORA_CONV1D,
     **{("gpt2", m): rf"{m}: .*transformers Conv1D layers.*peft's {m.upper()} does not adapt.*Use lora" for m in ("loha", "lokr")},
     ("gpt2", "oft"): r"oft: .*GPT-2 Conv1D layer.*peft's OFT adapts nn.Linear, nn.Conv2d and nn.Embedding only.*\(lora",
+    ("gpt2", "boft"): r"boft: .*GPT-2 Conv1D layer.*peft's BOFT adapts nn.Linear and nn.Conv2d only.*\(lora",
 }
 """(architecture, method) -> the message its refusal must match; every other cell must work."""
 

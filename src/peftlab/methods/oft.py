@@ -61,7 +61,7 @@ from peftlab.core.method import FILE_PREFIX, Method, register
 from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.core.transaction import on_undo
 
-__all__ = ["OFT", "adjust_blocks", "cayley", "rotate", "skew"]
+__all__ = ["OFT", "RotationMerge", "adjust_blocks", "cayley", "rotate", "skew"]
 
 PEFT_FORMAT_VERSION = "0.21.2"
 """The peft release whose OFT file format and maths this module follows (written as the config's
@@ -258,7 +258,53 @@ class Rotation(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- layers
-class OFTLayer(MergeableLayer):
+class RotationMerge(MergeableLayer):
+    """Merging of an update that multiplies the weight (``W' = f(W)``, a rotation and/or a scale):
+    the layer gives :meth:`rotated_weight`; its delta ``f(W) - W`` depends on the weight it was
+    merged into, so the delta is kept while merged and the exact unmerge subtracts that one.
+    Layers call :meth:`keep_deltas` when they add an adapter (the dict then exists before any
+    transaction snapshots the layer)."""
+
+    def keep_deltas(self) -> None:
+        self.__dict__.setdefault("peftlab_kept_delta", {})
+
+    def rotated_weight(self, name: str) -> torch.Tensor:
+        """The merged weight of adapter ``name`` in fp32, shaped like the weight."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        merged = self.__dict__.get("peftlab_kept_delta", {})
+        if name in merged:  # a merged rotation's delta depends on the weight it was merged into
+            return merged[name]
+        return self.rotated_weight(name) - self.weight.float()
+
+    def merge_adapter(self, name: str) -> None:
+        """The delta ``f(W) - W`` is kept (fp32, the weight's size) while merged: it is a function
+        of the weight before the merge, so the exact unmerge needs it as it was.
+
+        A rollback restores the layer's dicts first and then replays the undo log in reverse; the
+        two ``on_undo`` entries around the merge's own put the kept delta back for the merge's
+        inverse (which subtracts it) and take it away after."""
+        if name in self.__dict__.get("peftlab_merged", []):
+            return
+        delta = self.delta_weight(name)
+        self.__dict__.setdefault("peftlab_kept_delta", {})
+        on_undo(lambda: self.__dict__["peftlab_kept_delta"].pop(name, None))
+        self.__dict__["peftlab_kept_delta"][name] = delta
+        super().merge_adapter(name)
+        on_undo(lambda: self.__dict__["peftlab_kept_delta"].__setitem__(name, delta))
+
+    def _unmerge_last(self) -> None:
+        name = self.peftlab_merged[-1]
+        super()._unmerge_last()
+        self.__dict__.get("peftlab_kept_delta", {}).pop(name, None)
+
+    def restore(self) -> nn.Module:
+        self.__dict__.pop("peftlab_kept_delta", None)
+        return super().restore()
+
+
+class OFTLayer(RotationMerge):
     """State shared by the OFT layer kinds: the rotation parameter of each adapter and its maths."""
 
     owner_method = "oft"
@@ -283,7 +329,7 @@ class OFTLayer(MergeableLayer):
                 nn.init.normal_(unit.weight, mean=0.0, std=0.1)
         getattr(self, self.adapter_containers[0])[name] = unit
         self.set_adapter_state(name, state)
-        self.__dict__.setdefault("peftlab_oft_merged", {})  # deltas of merged adapters (see merge_adapter)
+        self.keep_deltas()
 
     def _param(self, name: str) -> nn.Parameter:
         return getattr(self, self.adapter_containers[0])[name].weight
@@ -327,36 +373,6 @@ class OFTLayer(MergeableLayer):
         """The merged weight ``W R^T`` (input side) in fp32, shaped like the weight."""
         w = self.weight.float()
         return rotate(w.reshape(w.shape[0], -1), self.full_rotations(name).transpose(1, 2)).reshape(w.shape)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        merged = self.__dict__.get("peftlab_oft_merged", {})
-        if name in merged:  # a merged rotation's delta depends on the weight it was merged into
-            return merged[name]
-        return self.rotated_weight(name) - self.weight.float()
-
-    def merge_adapter(self, name: str) -> None:
-        """The delta ``W R^T - W`` is kept (fp32, the weight's size) while merged: it is a function
-        of the weight before the merge, so the exact unmerge needs it as it was.
-
-        A rollback restores the layer's dicts first and then replays the undo log in reverse; the
-        two ``on_undo`` entries around the merge's own put the kept delta back for the merge's
-        inverse (which subtracts it) and take it away after."""
-        if name in self.__dict__.get("peftlab_merged", []):
-            return
-        delta = self.delta_weight(name)
-        on_undo(lambda: self.__dict__["peftlab_oft_merged"].pop(name, None))
-        self.__dict__["peftlab_oft_merged"][name] = delta
-        super().merge_adapter(name)
-        on_undo(lambda: self.__dict__["peftlab_oft_merged"].__setitem__(name, delta))
-
-    def _unmerge_last(self) -> None:
-        name = self.peftlab_merged[-1]
-        super()._unmerge_last()
-        self.__dict__.get("peftlab_oft_merged", {}).pop(name, None)
-
-    def restore(self) -> nn.Module:
-        self.__dict__.pop("peftlab_oft_merged", None)
-        return super().restore()
 
 
 class OFTLinearLayer(OFTLayer):
