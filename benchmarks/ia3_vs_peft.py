@@ -26,14 +26,14 @@ input), peft given the same modules.
 
 ``benchmarks/vera_vs_peft.py`` and ``benchmarks/boft_vs_peft.py`` run the same harness for VeRA and BOFT.
 
-Measured (benchmarks/results/ia3_vs_peft.json; 4 layers, batch 4 x 128, 2 threads, 16 steps, 3
-memory rounds; a shared 2-core machine, load average 5.6-7.8):
+Measured (benchmarks/results/ia3_vs_peft.json; 4 layers, batch 4 x 128, 2 threads, 16 steps, 5
+memory rounds; a quiet 2-core machine, load average 0.9-1.0):
 
-* peak RSS of two training steps: 598 MiB vs peft's 601 (0.994); increase over the set-up model
-  140 vs 142 MiB (0.989); activations autograd keeps: 76.15 vs 76.18 MiB (0.9996);
-* step: 0.62 s vs 1.07 s wall (0.58), 0.58 vs 0.84 s CPU (0.69). The two run the same kernels (a
-  torch.profiler count of one step: 27 matmuls each, 1,549 ops vs peft's 1,621), so the time
-  ratio is mostly this machine's noise: read it as "not slower";
+* peak RSS of two training steps: 603 MiB vs peft's 608 (0.992); increase over the set-up model
+  146 vs 149 MiB (0.979); activations autograd keeps: 76.15 vs 76.18 MiB (0.9996);
+* step: 0.152 s vs 0.154 s wall (0.985), 0.304 vs 0.309 s CPU (0.983). The two run the same
+  kernels (a torch.profiler count of one step: 27 matmuls each, 1,549 ops vs peft's 1,621): read
+  it as "not slower" (an earlier run on a machine at load 5.6-7.8 gave 0.58, which was noise);
 * first-step losses identical (difference 0.0), 7,680 trainable parameters each;
 * the same on a quiet moment with 1 thread (ia3_vs_peft_1thread.json, load average 1.1, 20 steps,
   1 memory round): step 0.3636 vs 0.3618 s (1.005 wall, 1.003 CPU), peak RSS 603.9 vs 603.5 MiB

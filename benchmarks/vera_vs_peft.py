@@ -9,19 +9,19 @@ the shared matrices drawn from key 0 by both, so the first losses must agree.
     PYTHONPATH=src python benchmarks/vera_vs_peft.py [--steps 20] [--rounds 3] [--batch 4] [--seq 128]
     PYTHONPATH=src python benchmarks/vera_vs_peft.py --recompute --out benchmarks/results/vera_vs_peft_recompute.json
 
-Measured (4 layers, batch 4 x 128, fp32 CPU, a shared 2-core machine; 27,904 trainable parameters
-each, first-step losses identical):
+Measured (4 layers, batch 4 x 128, fp32 CPU, 2 threads, 16 steps, a quiet 2-core machine, load
+average 0.9-1.2; 27,904 trainable parameters each, first-step losses equal to 5e-7):
 
-* defaults (benchmarks/results/vera_vs_peft.json, 2 threads, load average 4.5-7.1): peak RSS of two
-  training steps 653 vs peft's 672 MiB (0.97), increase over the set-up model 192 vs 210 MiB (0.92),
-  activations autograd keeps 115.65 MiB each (1.00: the same graph as peft's); step 2.85 vs 2.58 s
-  (1.11 wall and CPU);
-* the same with 1 thread (vera_vs_peft_1thread.json, no OpenMP spinning in the CPU time): step
-  0.590 vs 0.587 s (1.004), peak RSS 655 vs 657 MiB (0.997). A profiler count of one step gives the
-  same 80 matmuls for both (3,399 ops vs peft's 3,395): the 2-thread time ratio is noise;
-* ``recompute=True`` (vera_vs_peft_recompute.json): activations kept 75.2 vs 115.7 MiB (0.65),
-  peak RSS 618 vs 666 MiB (0.93), increase 158 vs 204 MiB (0.77); its one extra r x d_out matmul per
-  layer in backward did not show through this machine's noise (step 1.15 vs 1.92 s wall).
+* defaults (benchmarks/results/vera_vs_peft.json, 5 memory rounds): step 0.263 vs peft's 0.266 s
+  (0.99 wall and CPU); peak RSS of two training steps 642 vs 662 MiB (0.97), increase over the
+  set-up model 181 vs 200 MiB (0.91); activations autograd keeps 115.65 MiB each (1.00: the same
+  graph as peft's). The scaled update goes into the base output in place (``addcmul_``); before
+  that change two quiet runs gave 1.00 / 1.01 of peft's time and 1.01 / 1.00 of its peak;
+* the same with 1 thread before that change (vera_vs_peft_1thread.json): step 0.590 vs 0.587 s
+  (1.004), peak RSS 655 vs 657 MiB (0.997);
+* ``recompute=True`` (vera_vs_peft_recompute.json, 3 memory rounds): activations kept 75.2 vs
+  115.7 MiB (0.65), peak RSS 620 vs 663 MiB (0.94), increase 158 vs 200 MiB (0.79); step 0.271 vs
+  0.260 s (1.04: one extra r x d_out matmul per layer in backward).
 """
 
 from __future__ import annotations

@@ -328,6 +328,12 @@ class _SDPA(TorchFunctionMode):
                 if isinstance(x, torch.Tensor) and isinstance(v, torch.Tensor) and self.probe.scales(x, v):
                     self.probe.on_scaled(x, v)
                     break
+        elif func in _ADDCMULS and len(args) >= 3:
+            # ``y + x * v`` in one call (``addcmul``, VeRA's in-place add of its scaled update): as for ``x * v``.
+            for x, v in ((args[1], args[2]), (args[2], args[1])):
+                if isinstance(x, torch.Tensor) and isinstance(v, torch.Tensor) and self.probe.scales(x, v):
+                    self.probe.on_scaled(x, v)
+                    break
         elif func in _BMMS and len(args) >= 2:
             # ``bmm(X, W)`` with a trainable batch of square matrices ``W`` and ``X`` a view of an activation
             # (OFT's rotation blocks on an ``(r, N, b)`` view of a layer input): the activation is
@@ -357,6 +363,7 @@ class _SDPA(TorchFunctionMode):
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
 _ADDMMS = (torch.addmm, torch.Tensor.addmm)
 _BMMS = (torch.bmm, torch.Tensor.bmm)
+_ADDCMULS = (torch.addcmul, torch.Tensor.addcmul, torch.Tensor.addcmul_)
 _MULS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 
 

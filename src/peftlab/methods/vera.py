@@ -182,7 +182,10 @@ class VeRALayer(MergeableLayer):
             b = b.to(lam_b.dtype)
             if self.adapter_state(name):  # recompute: keep only h for backward
                 out = _ScaledUp.apply(out.to(lam_b.dtype), h, lam_d, b, lam_b).to(out.dtype)
-            else:  # out + lambda_b * (B (lambda_d h)): autograd keeps h and the d_out-wide product
+            elif out.dtype == lam_b.dtype:  # out += lambda_b * (B (lambda_d h)), in place: the base output is
+                # fresh and its backward does not need it; autograd keeps h and the d_out-wide product
+                out = out.addcmul_(F.linear(h * lam_d, b), lam_b)
+            else:
                 out = out + (lam_b * F.linear(h * lam_d, b)).to(out.dtype)
         return out
 
