@@ -173,6 +173,54 @@ def test_peft_file_gives_peft_outputs_gradients_and_merge(arch, variant, tmp_pat
         torch.testing.assert_close(model(input_ids=X).logits, pm.merge_and_unload()(input_ids=X).logits, **TOL)
 
 
+@pytest.mark.parametrize("variant", ["two-factors", "three-factors-by-count"])
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_file_of_peft_without_its_extension_loads_as_what_it_computed(arch, variant, tmp_path, monkeypatch):
+    """peft without its CUDA extension (every CPU) keeps ``boft_n_butterfly_factor`` > 1 in the
+    config but trains and saves one factor: peftlab reads the tensors' one factor, warns, and gives
+    peft's outputs, gradients and merge; a file that really has the factors loads with no warning."""
+    import warnings
+
+    import peft.tuners.boft.layer as boft_layer
+
+    assert callable(boft_layer.get_fbd_cuda), "peft's BOFT no longer has get_fbd_cuda: update this test"
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: None)  # what peft finds without the extension
+    build, targets = CASES[arch]
+    ours_kw, theirs_kw = VARIANTS[variant]
+    pm = peft.get_peft_model(build(), peft.BOFTConfig(target_modules=targets, **theirs_kw))
+    perturb({k: p for k, p in pm.named_parameters() if p.requires_grad}, scale=0.05)
+    _train_step(pm, [p for p in pm.parameters() if p.requires_grad])
+    pm.save_pretrained(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["boft_n_butterfly_factor"] == theirs_kw["boft_n_butterfly_factor"] > 1  # the config keeps it
+    model = build()
+    with pytest.warns(UserWarning, match="without its CUDA extension"):
+        peftlab.load(model, tmp_path / "peft", trainable=True)
+    assert peftlab.adapters(model)["default"].n_butterfly_factor == 1
+    out_p, out_l = pm(input_ids=X).logits, model(input_ids=X).logits
+    torch.testing.assert_close(out_l, out_p, **TOL)
+    out_p.pow(2).mean().backward()
+    out_l.pow(2).mean().backward()
+    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
+              for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k.replace(".default", ""): p.grad for k, p in model.named_parameters() if p.requires_grad}
+    assert set(theirs) == set(ours) and ours
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
+    with torch.no_grad():
+        peftlab.merge(model)
+        torch.testing.assert_close(model(input_ids=X).logits, pm.merge_and_unload()(input_ids=X).logits, **TOL)
+
+    real = build()
+    peftlab.attach(real, "boft", target_modules=targets, **ours_kw)
+    peftlab.save(real, tmp_path / "peftlab")
+    again = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftlab.load(again, tmp_path / "peftlab")
+    assert peftlab.adapters(again)["default"].n_butterfly_factor == ours_kw["n_butterfly_factor"]
+
+
 def test_bias_modes_match_peft_both_ways(tmp_path):
     from peft import PeftModel
 

@@ -20,7 +20,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -33,6 +33,17 @@ from peftlab.core.transaction import before_write
 
 FILE_PREFIX = "base_model.model."
 """Prefix of every tensor key in an adapter file: peft's layout, so that peft loads our files."""
+
+
+def wrapped_base_key(model: nn.Module, key: str, name: str, layer_type: type[AdapterLayer]) -> str:
+    """File key of base tensor ``key`` for methods whose peft layers wrap the adapted module: a
+    tensor of a ``layer_type`` layer holding adapter ``name`` is under its ``base_layer``."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if isinstance(module, layer_type) and name in module.adapter_names():
+        return f"{FILE_PREFIX}{path}.base_layer.{leaf}"
+    return FILE_PREFIX + key
+
 
 M = TypeVar("M", bound="Method")
 _REGISTRY: dict[str, type[Method]] = {}
@@ -318,6 +329,15 @@ class Method:
             for target, value in values.values():
                 before_write(target)  # a base tensor the adapter trains in place (new tensors need no log)
                 target.copy_(value.to(dtype=target.dtype))
+
+    def for_file(self, shapes: Mapping[str, tuple[int, ...]], source: str) -> Method:
+        """The method that reads a file whose config gave ``self`` and whose tensors have
+        ``shapes`` (``{file key: shape}``; ``source`` names the file for messages), before any
+        model is touched. The default is ``self``: the config is the one source of truth. A method
+        whose peer is known to write tensors that disagree with its own config in one documented
+        way returns the method the tensors describe, and warns (BOFT: peft without its CUDA
+        extension saves one butterfly factor whatever the config says)."""
+        return self
 
     def saved_form(self, model: nn.Module, name: str,
                    tensors: dict[str, torch.Tensor]) -> tuple[Method, dict[str, torch.Tensor]]:

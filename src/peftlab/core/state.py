@@ -425,6 +425,7 @@ def _parse_folder(directory: Path, fds: dict[str, int | None]) -> tuple[Method, 
     config = files.parse_json(text, str(directory / CONFIG_NAME))
     entries, metadata, start = files.safetensors_header(weights_fd, directory / WEIGHTS_NAME)
     method = _choose_method(config, metadata, directory)
+    method = method.for_file({k: e.shape for k, e in entries.items()}, str(directory / WEIGHTS_NAME))
     return method, entries, metadata, start, weights_fd
 
 

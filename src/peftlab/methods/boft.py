@@ -30,14 +30,18 @@ refused: peft's BOFT does not adapt them, so such a file could not load there.
 
 peft without its CUDA extension (any CPU, or a GPU without ``ninja``) replaces
 ``boft_n_butterfly_factor`` by 1 whatever its config says, so on such a machine peft trains (and
-saves) OFT-with-scale layers and cannot load a file with ``m > 1``; peftlab computes every
-``m`` on every device.
+saves) OFT-with-scale layers under a config that still says ``m > 1``, and cannot load a file
+with ``m > 1``. peftlab computes every ``m`` on every device, and reads such a file as the one
+factor its tensors hold, with a warning (:meth:`BOFT.for_file`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -46,7 +50,7 @@ from torch import nn
 
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import FILE_PREFIX, Method, register
+from peftlab.core.method import Method, register, wrapped_base_key
 from peftlab.core.targets import ALL_LINEAR, peft_targets, select
 from peftlab.methods.oft import RotationMerge, rotate
 
@@ -393,12 +397,22 @@ class BOFT(Method):
         if bias_keys:
             slots.train_base_tensors(model, name, bias_keys)
 
+    def for_file(self, shapes: Mapping[str, tuple[int, ...]], source: str) -> BOFT:
+        """peft without its CUDA extension trains and saves one butterfly factor whatever
+        ``boft_n_butterfly_factor`` says (see the module's docstring): a file whose every rotation
+        tensor ``(m, N, b, b)`` has ``m = 1`` under a config with more factors is read as what its
+        tensors hold, one factor, with a warning; any other disagreement is left to the shape check."""
+        factors = [s[0] for k, s in shapes.items() if k.rpartition(".")[2] == "boft_R" and len(s) == 4]
+        if self.n_butterfly_factor == 1 or not factors or any(m != 1 for m in factors):
+            return self
+        warnings.warn(f"{source}: its config says boft_n_butterfly_factor {self.n_butterfly_factor}, but every "
+                      "rotation it holds has one factor: it was written by peft without its CUDA extension, which "
+                      "trains one factor whatever the config says; loading it as n_butterfly_factor=1, which "
+                      "computes what that peft computed", UserWarning, stacklevel=4)
+        return dataclasses.replace(self, n_butterfly_factor=1)
+
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
-        path = key.rpartition(".")[0]
-        module = model.get_submodule(path) if path else model
-        if isinstance(module, BOFTLayer) and name in module.adapter_names():
-            return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
-        return FILE_PREFIX + key
+        return wrapped_base_key(model, key, name, BOFTLayer)  # peft wraps adapted layers
 
     # ------------------------------------------------------------------------- peft config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import FILE_PREFIX, Method, register
+from peftlab.core.method import FILE_PREFIX, Method, register, wrapped_base_key
 from peftlab.core.targets import ALL_LINEAR, peft_targets
 from peftlab.methods._lowrank import (LoRAConvLayer, LoRAEmbeddingLayer, LoRALayer, LoRALinearLayer, LowRank,
                                       adapter_dtype, attach_layers, check_patterns, check_rank, dims, init_factors,
@@ -335,11 +335,7 @@ class LoRA(Method):
         return slots.bias_mode_keys(model, paths, self.bias, "lora", ("lora_A", "lora_B"))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
-        path = key.rpartition(".")[0]
-        module = model.get_submodule(path) if path else model
-        if isinstance(module, LoRALayer) and name in module.adapter_names():
-            return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
-        return FILE_PREFIX + key
+        return wrapped_base_key(model, key, name, LoRALayer)  # peft wraps adapted layers
 
     # ----------------------------------------------------------------------------- hot-swap
     def prepare_hotswap(self, model: nn.Module, name: str, rank: int) -> LoRA:

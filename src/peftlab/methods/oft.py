@@ -57,7 +57,7 @@ from torch import nn
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError
 from peftlab.core.layer import MergeableLayer
-from peftlab.core.method import FILE_PREFIX, Method, register
+from peftlab.core.method import Method, register, wrapped_base_key
 from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.core.transaction import on_undo
 
@@ -567,11 +567,7 @@ class OFT(Method):
         return slots.bias_mode_keys(model, paths, self.bias, "oft", ("oft_R", "oft_embedding_R"))
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
-        path = key.rpartition(".")[0]
-        module = model.get_submodule(path) if path else model
-        if isinstance(module, OFTLayer) and name in module.adapter_names():
-            return f"{FILE_PREFIX}{path}.base_layer.{key.rpartition('.')[2]}"  # peft wraps adapted layers
-        return FILE_PREFIX + key
+        return wrapped_base_key(model, key, name, OFTLayer)  # peft wraps adapted layers
 
     # ------------------------------------------------------------------------- peft config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:

@@ -41,7 +41,7 @@ from torch import nn
 from peftlab.core import slots
 from peftlab.core.errors import ConfigError, TargetError
 from peftlab.core.layer import MergeableLayer
-from peftlab.core.method import FILE_PREFIX, Method, register
+from peftlab.core.method import Method, register, wrapped_base_key
 from peftlab.core.targets import ALL_LINEAR, select, peft_targets
 from peftlab.methods._lowrank import LowRankForm
 
@@ -297,11 +297,7 @@ class VeRA(Method):
         return out
 
     def base_file_key(self, model: nn.Module, key: str, name: str) -> str:
-        path, _, leaf = key.rpartition(".")
-        module = model.get_submodule(path) if path else model
-        if isinstance(module, VeRALayer) and name in module.adapter_names():
-            return f"{FILE_PREFIX}{path}.base_layer.{leaf}"  # peft wraps adapted layers
-        return FILE_PREFIX + key
+        return wrapped_base_key(model, key, name, VeRALayer)  # peft wraps adapted layers
 
     # ------------------------------------------------------------------------- peft config
     def to_config(self, model: nn.Module | None = None, name: str = "default") -> dict[str, Any]:
