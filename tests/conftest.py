@@ -190,6 +190,28 @@ def out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits.float()
 
 
+def assert_same_as_peft(model: nn.Module, pm: nn.Module, input_ids: torch.Tensor, tol: dict[str, float]) -> None:
+    """peftlab ``model`` (one trainable adapter) computes what peft model ``pm`` computes: logits
+    within ``tol``, the gradients of every trained tensor (same key set, rtol 1e-4), and the
+    merged models' logits. Leaves both models merged."""
+    import peftlab
+
+    out_p, out_l = pm(input_ids=input_ids).logits, model(input_ids=input_ids).logits
+    torch.testing.assert_close(out_l, out_p, **tol)
+    out_p.pow(2).mean().backward()
+    out_l.pow(2).mean().backward()
+    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
+              for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k.replace(".default", ""): p.grad for k, p in model.named_parameters() if p.requires_grad}
+    assert set(theirs) == set(ours) and ours
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=tol["atol"], rtol=1e-4, msg=k)
+    with torch.no_grad():
+        peftlab.merge(model)
+        merged = pm.merge_and_unload()
+        torch.testing.assert_close(model(input_ids=input_ids).logits, merged(input_ids=input_ids).logits, **tol)
+
+
 def perturb(tensors: dict[str, torch.Tensor], seed: int = 3, scale: float = 0.1) -> None:
     """Give adapter tensors non-trivial values (a trained adapter, not the identity init)."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from torch import nn
 import peftlab
 from peftlab.core.errors import ConfigError, PeftlabError
 from peftlab.methods.boft import BOFT, PEFT_HANDLED, PEFT_METADATA, butterfly_permutation, cayley_exact
-from tests.conftest import perturb, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import assert_same_as_peft, perturb, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -158,19 +158,7 @@ def test_peft_file_gives_peft_outputs_gradients_and_merge(arch, variant, tmp_pat
     pm.save_pretrained(tmp_path)
     model = build()
     peftlab.load(model, tmp_path, trainable=True)
-    out_p, out_l = pm(input_ids=X).logits, model(input_ids=X).logits
-    torch.testing.assert_close(out_l, out_p, **TOL)
-    out_p.pow(2).mean().backward()
-    out_l.pow(2).mean().backward()
-    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
-              for k, p in pm.named_parameters() if p.requires_grad}
-    ours = {k.replace(".default", ""): p.grad for k, p in model.named_parameters() if p.requires_grad}
-    assert set(theirs) == set(ours) and ours
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
-    with torch.no_grad():
-        peftlab.merge(model)
-        torch.testing.assert_close(model(input_ids=X).logits, pm.merge_and_unload()(input_ids=X).logits, **TOL)
+    assert_same_as_peft(model, pm, X, TOL)
 
 
 @pytest.mark.parametrize("variant", ["two-factors", "three-factors-by-count"])
@@ -197,19 +185,7 @@ def test_file_of_peft_without_its_extension_loads_as_what_it_computed(arch, vari
     with pytest.warns(UserWarning, match="without its CUDA extension"):
         peftlab.load(model, tmp_path / "peft", trainable=True)
     assert peftlab.adapters(model)["default"].n_butterfly_factor == 1
-    out_p, out_l = pm(input_ids=X).logits, model(input_ids=X).logits
-    torch.testing.assert_close(out_l, out_p, **TOL)
-    out_p.pow(2).mean().backward()
-    out_l.pow(2).mean().backward()
-    theirs = {k.replace("base_model.model.", "").replace(".default", ""): p.grad
-              for k, p in pm.named_parameters() if p.requires_grad}
-    ours = {k.replace(".default", ""): p.grad for k, p in model.named_parameters() if p.requires_grad}
-    assert set(theirs) == set(ours) and ours
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4, msg=k)
-    with torch.no_grad():
-        peftlab.merge(model)
-        torch.testing.assert_close(model(input_ids=X).logits, pm.merge_and_unload()(input_ids=X).logits, **TOL)
+    assert_same_as_peft(model, pm, X, TOL)
 
     real = build()
     peftlab.attach(real, "boft", target_modules=targets, **ours_kw)
